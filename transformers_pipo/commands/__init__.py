@@ -1,0 +1,1 @@
+"""Subcommands of the `pipo` CLI (see `transformers_pipo.cli`)."""
