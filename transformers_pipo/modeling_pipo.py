@@ -778,6 +778,9 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         _init_mtp_from_backbone(pipo, body, mtp_init, native)
         pipo.generation_config = copy.deepcopy(causal_lm.generation_config)
         pipo.generation_config.pad_token_id = pad_token_id
+        if pipo.generation_config.do_sample is None:
+            # An explicit value stops pipeline() from injecting its sampling defaults (HF_NOTES §4).
+            pipo.generation_config.do_sample = False
         pipo.generation_config.pipo_confidence_threshold = confidence_threshold
         pipo.config.name_or_path = getattr(causal_lm.config, "name_or_path", "")
         pipo.train(causal_lm.training)
