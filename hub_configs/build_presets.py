@@ -1,0 +1,283 @@
+"""Build the PIPO preset folders in `hub_configs/` from the published hyper-parameters of their backbones.
+
+Every preset goes through `PipoConfig`, so the folders are valid, mutually consistent and loadable with
+`AutoConfig.from_pretrained(folder, trust_remote_code=True)` (or with `transformers_pipo` imported). Each folder gets
+
+- `config.json`: a full `PipoConfig` (the whole backbone config nested under `backbone_config`) with
+  `architectures = ["PipoForCausalLM"]` and an `auto_map` pointing at `configuration_pipo.PipoConfig` /
+  `modeling_pipo.PipoForCausalLM` (the remote-code files that `save_pretrained` ships next to the weights);
+- `generation_config.json`: the backbone's published sampling defaults plus PIPO's (`pad_token_id` = the PIPO PAD,
+  PAD removed from the EOS ids, `pipo_confidence_threshold` = τ).
+
+Usage:
+    python hub_configs/build_presets.py            # (re)write every preset folder next to this script
+    python hub_configs/build_presets.py --check    # exit 1 if a committed folder differs from what would be built
+    python hub_configs/build_presets.py --out DIR  # write somewhere else
+
+Which numbers are from memory (no network to the Hub here) is listed in `hub_configs/README.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_pipo.PipoConfig",
+    "AutoModelForCausalLM": "modeling_pipo.PipoForCausalLM",
+}
+ARCHITECTURES = ["PipoForCausalLM"]
+DEFAULT_TAU = 0.95  # the evaluation default of the reference (spec §3.3)
+
+
+@dataclass
+class Preset:
+    """One preset: the backbone's published config fields plus the PIPO choices."""
+
+    name: str  # folder name
+    base_model: str  # Hub id of the backbone (recorded as backbone_config._name_or_path)
+    family: str  # "qwen3" | "llama" | "qwen3_5_text"
+    backbone: dict  # published config fields of the backbone (text part)
+    pad_token_id: int  # PIPO PAD (never an EOS id)
+    generation: dict  # published sampling defaults of the backbone
+    compressor_type: str = "mlp"
+    mtp_init: str = "last_layer"
+    norm_style: str = "w"
+    confidence_threshold: float = DEFAULT_TAU
+    nominal_params: float = 0.0  # published backbone size, for the size test
+    notes: list[str] = field(default_factory=list)
+
+
+def _qwen3(hidden, intermediate, layers, heads, kv_heads):
+    return {
+        "vocab_size": 151936,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "max_position_embeddings": 40960,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": layers,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,  # <|im_end|>
+        "dtype": "bfloat16",
+    }
+
+
+QWEN3_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+QWEN3_PAD = 151643  # <|endoftext|>: the Qwen tokenizers' pad token; PIPO uses it as PAD as the authors do for Qwen3.5
+
+
+def _llama32(hidden, intermediate, layers, heads, kv_heads):
+    return {
+        "vocab_size": 128256,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-5,
+        "use_cache": True,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,  # <|end_of_text|> (base models)
+        "dtype": "bfloat16",
+    }
+
+
+LLAMA_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+LLAMA_PAD = 128004  # <|finetune_right_pad_id|>, a reserved special token of the Llama 3.1+ tokenizer
+
+
+def _qwen35(hidden, intermediate, tie):
+    return {
+        "vocab_size": 248320,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_act": "silu",
+        "max_position_embeddings": 262144,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "tie_word_embeddings": tie,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [11, 11, 10],
+            "mrope_interleaved": True,
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        # three Gated-DeltaNet (linear-attention) layers, then one full-attention layer, repeated
+        "layer_types": ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(32)],
+        "bos_token_id": 248044,
+        "eos_token_id": 248046,  # <|im_end|>; 248044 (<|endoftext|>) is PIPO's PAD and must not stop generation
+        "dtype": "bfloat16",
+    }
+
+
+QWEN35_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+QWEN35_PAD = 248044  # hard-coded PAD of the reference implementation (spec §1.1)
+
+PRESETS = [
+    Preset("Qwen3-0.6B-PIPO", "Qwen/Qwen3-0.6B", "qwen3", _qwen3(1024, 3072, 28, 16, 8), QWEN3_PAD,
+           QWEN3_GENERATION, nominal_params=0.596e9),
+    Preset("Qwen3-1.7B-PIPO", "Qwen/Qwen3-1.7B", "qwen3", _qwen3(2048, 6144, 28, 16, 8), QWEN3_PAD,
+           QWEN3_GENERATION, nominal_params=1.72e9),
+    Preset("Qwen3-4B-PIPO", "Qwen/Qwen3-4B", "qwen3", _qwen3(2560, 9728, 36, 32, 8), QWEN3_PAD,
+           QWEN3_GENERATION, nominal_params=4.02e9),
+    Preset("Llama-3.2-1B-PIPO", "meta-llama/Llama-3.2-1B", "llama", _llama32(2048, 8192, 16, 32, 8), LLAMA_PAD,
+           LLAMA_GENERATION, nominal_params=1.24e9),
+    Preset("Llama-3.2-3B-PIPO", "meta-llama/Llama-3.2-3B", "llama", _llama32(3072, 8192, 28, 24, 8), LLAMA_PAD,
+           LLAMA_GENERATION, nominal_params=3.21e9),
+    # The authors' released PIPO models: Qwen3.5 text backbone, MLP compressor, native MTP layer, PAD 248044.
+    Preset("Qwen3.5-4B-PIPO", "Qwen/Qwen3.5-4B", "qwen3_5_text", _qwen35(2560, 9216, True), QWEN35_PAD,
+           QWEN35_GENERATION, mtp_init="native", norm_style="one_plus_w", nominal_params=4.2e9),
+    Preset("Qwen3.5-9B-PIPO", "Qwen/Qwen3.5-9B", "qwen3_5_text", _qwen35(4096, 12288, False), QWEN35_PAD,
+           QWEN35_GENERATION, mtp_init="native", norm_style="one_plus_w", nominal_params=8.95e9),
+]
+
+
+def backbone_config(preset: Preset):
+    """The backbone's `PreTrainedConfig`, built by its own transformers class."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(preset.family, **preset.backbone)
+    config._name_or_path = preset.base_model
+    config.architectures = None
+    return config
+
+
+def pipo_config(preset: Preset):
+    """The preset's `PipoConfig` (validated: PAD inside the vocabulary and distinct from EOS)."""
+    from transformers_pipo import PipoConfig
+
+    config = PipoConfig(
+        backbone_config=backbone_config(preset),
+        compressor_type=preset.compressor_type,
+        pad_token_id=preset.pad_token_id,
+        mtp_init=preset.mtp_init,
+        mtp_fc_init="hidden_only",
+        norm_style=preset.norm_style,
+        dtype=preset.backbone.get("dtype"),
+    )
+    config.architectures = list(ARCHITECTURES)
+    return config
+
+
+def generation_config(preset: Preset):
+    """Published sampling defaults plus PIPO's PAD and τ; the PAD is never among the EOS ids."""
+    from transformers import GenerationConfig
+
+    eos = preset.backbone["eos_token_id"]
+    eos = [e for e in ([eos] if isinstance(eos, int) else list(eos)) if e != preset.pad_token_id]
+    return GenerationConfig(
+        bos_token_id=preset.backbone.get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=preset.pad_token_id,
+        pipo_confidence_threshold=preset.confidence_threshold,
+        **preset.generation,
+    )
+
+
+def _strip(d: dict) -> dict:
+    """Drop fields that only record the writer's transformers version (keeps the files stable across versions)."""
+    d = {k: v for k, v in d.items() if k != "transformers_version" and not (k == "_name_or_path" and not v)}
+    if isinstance(d.get("backbone_config"), dict):
+        d["backbone_config"] = _strip(d["backbone_config"])
+    return d
+
+
+def render(preset: Preset) -> dict[str, str]:
+    """File name → exact JSON text of the preset folder."""
+    config = pipo_config(preset).to_dict()
+    config["auto_map"] = dict(AUTO_MAP)
+    config["architectures"] = list(ARCHITECTURES)
+    gen = generation_config(preset).to_diff_dict()
+    return {
+        "config.json": json.dumps(_strip(config), indent=2, sort_keys=True) + "\n",
+        "generation_config.json": json.dumps(_strip(gen), indent=2, sort_keys=True) + "\n",
+    }
+
+
+def build(out: Path) -> list[Path]:
+    written = []
+    for preset in PRESETS:
+        folder = out / preset.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in render(preset).items():
+            (folder / name).write_text(text)
+            written.append(folder / name)
+    return written
+
+
+def check(out: Path) -> list[str]:
+    """Names of the preset files that are missing or differ from what `build` would write."""
+    stale = []
+    for preset in PRESETS:
+        for name, text in render(preset).items():
+            path = out / preset.name / name
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path))
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="Folder that receives one sub-folder per preset.")
+    parser.add_argument("--check", action="store_true", help="Only compare; exit 1 when a preset file is stale.")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = check(args.out)
+        for path in stale:
+            print(f"stale or missing: {path}", file=sys.stderr)
+        return 1 if stale else 0
+    for path in build(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
