@@ -11,6 +11,7 @@ Shipped as remote code by ``save_pretrained``; only ``from .x import y`` links i
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_pipo import PipoConfig, _backbone_hidden_size
 from .generation_pipo import pipo_generate_entry
+from .modelcard_pipo import write_model_card
 
 IGNORE_INDEX = -100
 
@@ -677,6 +679,26 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         """Token-by-token fallback (`pipo_decoding=False`): every step re-reads the whole sequence without a cache,
         because appending one token changes the last pair's latent."""
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+
+    # -- model card -------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, model_card: dict | bool | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then a PIPO README.md model card (see `modelcard_pipo`).
+
+        `model_card`: extra card fields (training stages, commit rate, ...) merged over `self.pipo_model_card_info`;
+        `False` writes no card. A README.md not written by PIPO is never overwritten.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main and model_card is not False and os.path.isdir(save_directory):
+            write_model_card(self, save_directory, model_card if isinstance(model_card, dict) else None)
+        return result
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # Both upload paths (push_to_hub, save_pretrained(push_to_hub=True)) write transformers' generic card just
+        # before this call; replace it by the PIPO card, then upload through huggingface_hub unchanged.
+        write_model_card(self, working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def from_backbone(
