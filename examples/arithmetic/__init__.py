@@ -1,0 +1,1 @@
+"""Miniature PIPO reproduction on integer arithmetic (see run_pipeline.py)."""

@@ -1,0 +1,179 @@
+"""Shared pieces of the arithmetic pipeline: configuration, artifact layout, data encoding, batched sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelSize:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+@dataclass
+class PipelineConfig:
+    """Every knob of the pipeline (set from CLI flags by `run_pipeline.py`; `--quick` shrinks everything)."""
+
+    out: str = "outputs/arithmetic"
+    seed: int = 0
+    threads: int = 1  # under CPU contention one thread per process is far faster than two
+    # data
+    n_train: int = 120_000
+    n_val: int = 300
+    n_test: int = 400
+    # base models (Qwen3-style, trained from scratch as ordinary causal LMs)
+    teacher: ModelSize = field(default_factory=lambda: ModelSize(192, 6, 6, 2, 576))
+    student: ModelSize = field(default_factory=lambda: ModelSize(128, 8, 4, 2, 384))
+    teacher_steps: int = 900
+    student_steps: int = 350
+    base_batch_size: int = 32
+    base_lr: float = 2e-3
+    # teacher trajectories
+    n_sample_prompts: int = 6000
+    samples_per_prompt: int = 1
+    sample_batch_size: int = 128
+    max_new_tokens: int = 256
+    # PIPO SFT / OPD
+    sft_steps: int = 800
+    sft_batch_size: int = 16
+    sft_lr: float = 1e-3
+    mtp_only_steps: int = 300
+    n_opd_prompts: int = 1200
+    opd_steps: int = 150
+    opd_batch_size: int = 16
+    opd_lr: float = 3e-4
+    opd_threshold: float = 0.5
+    # evaluation
+    n_eval: int = 400
+    eval_samples: int = 4
+    eval_batch_size: int = 100
+    thresholds: tuple[float, ...] = (-1.0, 0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+    n_timing: int = 24
+    shipped_threshold: float | None = None  # None: chosen from the sweep on the validation split
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def quick_config(out: str) -> PipelineConfig:
+    """A minutes-long smoke configuration: same stages, toy sizes (numbers are meaningless)."""
+    return PipelineConfig(
+        out=out, n_train=3000, n_val=40, n_test=40,
+        teacher=ModelSize(64, 2, 4, 2, 128), student=ModelSize(32, 2, 4, 2, 64),
+        teacher_steps=30, student_steps=20, n_sample_prompts=64, sample_batch_size=32, max_new_tokens=96,
+        sft_steps=10, sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3, opd_batch_size=4,
+        n_eval=16, eval_batch_size=16, thresholds=(-1.0, 0.5, 1.0), n_timing=2,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage bookkeeping
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def marker(cfg: PipelineConfig, stage: str) -> Path:
+    return cfg.path("markers", f"{stage}.done.json")
+
+
+def is_done(cfg: PipelineConfig, stage: str) -> bool:
+    return marker(cfg, stage).exists()
+
+
+def mark_done(cfg: PipelineConfig, stage: str, info: dict) -> None:
+    path = marker(cfg, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stage": stage, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info}, indent=2))
+    os.replace(tmp, path)
+
+
+def read_marker(cfg: PipelineConfig, stage: str) -> dict:
+    return json.loads(marker(cfg, stage).read_text())
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def encode_example(tokenizer, prompt: str, response: str) -> dict:
+    """Prompt + response + EOS, labels -100 on the prompt (unshifted labels: `labels[t] = x[t]`)."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r}
+
+
+class CausalLMCollator:
+    """Right-pads `input_ids`/`labels` for ordinary causal-LM training (HF shifts the labels itself)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        length = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def left_pad(tokenizer, prompts: list[str]) -> dict:
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def decode_new(tokenizer, sequences: torch.Tensor, prompt_width: int) -> list[str]:
+    """Decode generated continuations (special tokens, i.e. PAD and EOS, dropped; text cut at EOS)."""
+    texts = []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for row in sequences[:, prompt_width:].tolist():
+        if eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True))
+    return texts
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass

@@ -1,0 +1,228 @@
+"""Stages 1-5: data splits, tokenizer, teacher and student base (ordinary causal LMs from scratch), teacher sampling."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import task
+from .common import (
+    CausalLMCollator,
+    ModelSize,
+    PipelineConfig,
+    decode_new,
+    encode_example,
+    left_pad,
+    read_jsonl,
+    write_jsonl,
+)
+from .tokenizer import corpus, train_tokenizer
+
+
+def stage_data(cfg: PipelineConfig) -> dict:
+    splits = task.make_splits(cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test)
+    for name, problems in splits.items():
+        write_jsonl(cfg.path("data", f"{name}.jsonl"),
+                    ({"expression": p.expression, "answer": p.answer} for p in problems))
+    return {name: len(p) for name, p in splits.items()}
+
+
+def load_split(cfg: PipelineConfig, name: str) -> list[task.Problem]:
+    return [task.Problem(r["expression"], r["answer"]) for r in read_jsonl(cfg.path("data", f"{name}.jsonl"))]
+
+
+def stage_tokenizer(cfg: PipelineConfig) -> dict:
+    train = load_split(cfg, "train")
+    tok = train_tokenizer(corpus(train, task.chain_of_thought))
+    missing = [c for c in task.ALPHABET if c not in tok.get_vocab()]
+    if missing:
+        raise RuntimeError(f"tokenizer vocabulary misses {missing}")
+    tok.save_pretrained(cfg.path("tokenizer"))
+    return {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+
+
+def load_tokenizer(cfg: PipelineConfig, path=None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path or cfg.path("tokenizer"))
+    tok.padding_side = "left"
+    return tok
+
+
+def backbone_config(size: ModelSize, tok):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_hidden_layers,
+        num_attention_heads=size.num_attention_heads,
+        num_key_value_heads=size.num_key_value_heads,
+        head_dim=size.hidden_size // size.num_attention_heads,
+        intermediate_size=size.intermediate_size,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def length_bucketed_batches(rows: list[dict], batch_size: int, seed: int, pool: int = 50) -> list[list[dict]]:
+    """Batches of similar-length rows (sorted inside pools of `pool` batches), in random order: less padding."""
+    import random
+
+    rng = random.Random(seed)
+    rows = list(rows)
+    rng.shuffle(rows)
+    batches = []
+    for start in range(0, len(rows), batch_size * pool):
+        chunk = sorted(rows[start: start + batch_size * pool], key=lambda r: len(r["input_ids"]))
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class _FlattenCollator:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, items):
+        return self.inner([row for batch in items for row in batch])
+
+
+def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
+
+    tok = load_tokenizer(cfg)
+    torch.manual_seed(cfg.seed + (1 if name == "teacher" else 2))
+    model = AutoModelForCausalLM.from_config(backbone_config(size, tok))
+    n_examples = steps * cfg.base_batch_size
+    train = load_split(cfg, "train")
+    # The teacher and the student see different slices of the train split (the student sees fewer problems).
+    start = 0 if name == "teacher" else len(train) // 2
+    rows = [encode_example(tok, p.prompt, task.chain_of_thought(p.expression))
+            for p in train[start: start + min(n_examples, len(train) // 2)]]
+    args = TrainingArguments(
+        output_dir=str(cfg.path("runs", name)),
+        per_device_train_batch_size=1,  # one item = one pre-built, length-bucketed batch
+        max_steps=steps,
+        learning_rate=cfg.base_lr,
+        warmup_steps=max(1, steps // 20),
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+    )
+    start_time = time.time()
+    batches = length_bucketed_batches(rows, cfg.base_batch_size, cfg.seed)
+    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(batches),
+                      data_collator=_FlattenCollator(CausalLMCollator(tok.pad_token_id)))
+    result = trainer.train()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+        do_sample=False,
+    )
+    out = cfg.path("models", name)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_loss": result.training_loss,
+        "steps": steps,
+        "examples": len(rows),
+        "seconds": round(time.time() - start_time, 1),
+        "log": [h for h in trainer.state.log_history if "loss" in h],
+    }
+
+
+def stage_train_teacher(cfg: PipelineConfig) -> dict:
+    return _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_steps)
+
+
+def stage_train_student(cfg: PipelineConfig) -> dict:
+    return _train_base(cfg, "student_base", cfg.student, cfg.student_steps)
+
+
+def load_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+
+
+def _order_by_difficulty(problems: list[task.Problem]) -> list[int]:
+    """Indices ordered by the number of multiplications (a proxy for response length, read from the prompt only),
+    so that a generation batch holds responses of similar length."""
+    return sorted(range(len(problems)), key=lambda i: (problems[i].expression.count("*"), len(problems[i].expression)))
+
+
+@torch.no_grad()
+def sample_responses(model, tok, problems: list[task.Problem], *, do_sample: bool, n_samples: int, batch_size: int,
+                     max_new_tokens: int, desc: str, seed: int = 0, **gen_kwargs) -> list[list[str]]:
+    """`n_samples` responses per problem with plain HF `generate` (batched, left-padded). Returns texts per problem."""
+    order = _order_by_difficulty(problems)
+    jobs = [(i, s) for i in order for s in range(n_samples)]
+    texts: list[list[str]] = [[""] * n_samples for _ in problems]
+    torch.manual_seed(seed)
+    for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
+        chunk = jobs[start: start + batch_size]
+        enc = left_pad(tok, [problems[i].prompt for i, _ in chunk])
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, **gen_kwargs)
+        if do_sample:
+            kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+        out = model.generate(**enc, **kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        for (i, s), text in zip(chunk, decode_new(tok, sequences, enc["input_ids"].shape[1])):
+            texts[i][s] = text
+    return texts
+
+
+def stage_sample_teacher(cfg: PipelineConfig) -> dict:
+    """Sample teacher trajectories (temperature 1.0) on train prompts; keep the correct ones as PIPO SFT data."""
+    tok = load_tokenizer(cfg)
+    teacher = load_model(cfg.path("models", "teacher"))
+    train = load_split(cfg, "train")
+    # Prompts from the end of the train split: disjoint from the OPD prompts, which are taken just before them.
+    problems = train[len(train) - cfg.n_sample_prompts:]
+    texts = sample_responses(teacher, tok, problems, do_sample=True, n_samples=cfg.samples_per_prompt,
+                             batch_size=cfg.sample_batch_size, max_new_tokens=cfg.max_new_tokens,
+                             desc="teacher sampling", seed=cfg.seed)
+    rows, n_total = [], 0
+    for problem, samples in zip(problems, texts):
+        for text in samples:
+            n_total += 1
+            if task.is_correct(text, problem.answer):
+                rows.append({"prompt": problem.prompt, "response": text, "expression": problem.expression})
+    write_jsonl(cfg.path("data", "sft_teacher.jsonl"), rows)
+    lengths = [len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]
+    return {"sampled": n_total, "kept": len(rows), "teacher_sample_accuracy": len(rows) / max(1, n_total),
+            "mean_response_tokens": sum(lengths) / max(1, len(lengths))}
+
+
+def opd_prompts(cfg: PipelineConfig) -> list[task.Problem]:
+    train = load_split(cfg, "train")
+    end = len(train) - cfg.n_sample_prompts
+    return train[end - cfg.n_opd_prompts: end]
+
+
+__all__ = [name for name in dir() if name.startswith("stage_")] + ["load_split", "load_tokenizer", "sample_responses"]
+_ = math
