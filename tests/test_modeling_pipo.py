@@ -688,3 +688,18 @@ def test_token_level_position_ids_rejected():
     model = tiny_pipo("qwen3")
     with pytest.raises(ValueError, match=r"position_ids must index latents"):
         model(random_ids(1, 8), position_ids=torch.arange(8).unsqueeze(0))
+
+
+def test_set_attn_implementation_reaches_the_mtp_layer():
+    model = tiny_pipo("llama")
+    model.set_attn_implementation("eager")
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    assert model.mtp.decoder_layer().self_attn.config._attn_implementation == "eager"
+    assert {c._attn_implementation for c in configs.values()} == {"eager"}
+    with torch.no_grad():
+        eager = model(random_ids(1, 12))
+    model.set_attn_implementation("sdpa")
+    assert model.mtp.decoder_layer().self_attn.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = model(random_ids(1, 12))
+    torch.testing.assert_close(eager.mtp_logits, sdpa.mtp_logits, rtol=0, atol=1e-5)

@@ -203,3 +203,26 @@ def test_package_loads_folder_without_trust_remote_code(saved, family):
     again = _outputs(AutoModelForCausalLM.from_pretrained(folders[family]).eval())
     for name in OUTPUT_FIELDS:
         assert torch.equal(again[name], outputs[name]), name
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_bf16_round_trip_keeps_fp32_heads_bit_identical(tmp_path, dtype):
+    # from_backbone on a bf16 backbone keeps the compressor and confidence head in fp32; reloading (default dtype
+    # or an explicit bf16) must not round them to bf16.
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3"), dtype=torch.bfloat16)
+    model = PipoForCausalLM.from_backbone(source, pad_token_id=127).eval()
+    with torch.no_grad():
+        for head in (model.compressor, model.confidence_head):
+            for p in head.parameters():
+                p.add_(1e-3 * torch.randn_like(p))  # values that bf16 cannot represent
+    assert {p.dtype for p in model.compressor.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.confidence_head.parameters()} == {torch.float32}
+    assert model.mtp.fc.weight.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs).eval()
+    state, loaded = model.state_dict(), reloaded.state_dict()
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype, key
+        assert torch.equal(loaded[key], value), key

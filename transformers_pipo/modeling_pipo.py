@@ -424,6 +424,9 @@ class PipoPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _keep_in_fp32_modules = ["compressor", "confidence_head"]
+    # The non-strict list only upcasts under fp16; the strict one also keeps these heads fp32 when loading in bf16,
+    # matching from_backbone (which builds them in fp32), so a bf16 save -> load round trip is lossless.
+    _keep_in_fp32_modules_strict = ["compressor", "confidence_head"]
 
     def _init_weights(self, module: nn.Module) -> None:
         backbone = getattr(self, "model", None)
@@ -474,6 +477,12 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        # The MTP layer runs in a one-layer body that is not a registered sub-model, so transformers does not reach
+        # its config: mirror the backbone's implementation onto it.
+        self.mtp.body_config._attn_implementation_internal = self.model.config._attn_implementation
 
     @property
     def pad_token_id(self) -> int:
