@@ -45,6 +45,7 @@ class PipelineConfig:
     samples_per_prompt: int = 1
     sample_batch_size: int = 128
     max_new_tokens: int = 256
+    min_sft_records: int = 0  # top up with reference CoT when the teacher keeps fewer (smoke runs only)
     # PIPO SFT / OPD
     sft_steps: int = 800
     sft_batch_size: int = 16
@@ -62,6 +63,9 @@ class PipelineConfig:
     thresholds: tuple[float, ...] = (-1.0, 0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
     n_timing: int = 24
     shipped_threshold: float | None = None  # None: chosen from the sweep on the validation split
+    # where the report and the embedded models go (relative to the repository root)
+    docs_dir: str = "docs"
+    assets_dir: str = "transformers_pipo/assets/arithmetic"
 
     @property
     def root(self) -> Path:
@@ -79,9 +83,10 @@ def quick_config(out: str) -> PipelineConfig:
     return PipelineConfig(
         out=out, n_train=3000, n_val=40, n_test=40,
         teacher=ModelSize(64, 2, 4, 2, 128), student=ModelSize(32, 2, 4, 2, 64),
-        teacher_steps=30, student_steps=20, n_sample_prompts=64, sample_batch_size=32, max_new_tokens=96,
+        teacher_steps=30, student_steps=20, n_sample_prompts=64, sample_batch_size=32, min_sft_records=64, max_new_tokens=96,
         sft_steps=10, sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3, opd_batch_size=4,
         n_eval=16, eval_batch_size=16, thresholds=(-1.0, 0.5, 1.0), n_timing=2,
+        docs_dir=f"{out}/docs", assets_dir=f"{out}/assets",
     )
 
 
