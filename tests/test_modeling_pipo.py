@@ -703,3 +703,35 @@ def test_set_attn_implementation_reaches_the_mtp_layer():
     with torch.no_grad():
         sdpa = model(random_ids(1, 12))
     torch.testing.assert_close(eager.mtp_logits, sdpa.mtp_logits, rtol=0, atol=1e-5)
+
+
+def test_pad_is_never_a_training_target():
+    # Spec §1.1/§2.2: PAD targets are always masked, so neither head learns to emit PAD even when a collator
+    # passes labels = input_ids over PAD-augmented pairs.
+    model = tiny_pipo("qwen3")
+    ids = torch.tensor([[5, 6, 7, PAD_ID, 9, 10, 11, PAD_ID, 13, 14, 15, 16]])
+    labels = ids.clone()
+    labels[:, :2] = IGNORE
+    masked = labels.masked_fill(labels == PAD_ID, IGNORE)
+    with torch.no_grad():
+        raw, ref = model(ids, labels=labels), model(ids, labels=masked)
+    for name in ("backbone_loss", "mtp_loss", "confidence_loss", "loss"):
+        assert torch.equal(getattr(raw, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_5"])
+def test_confidence_head_shape_and_parameter_count(family):
+    # Spec §1.6: RMSNorm(2H) -> Linear(2H, H, no bias) -> SiLU -> Linear(H, 1, no bias): 2H^2 + 3H parameters.
+    model = tiny_pipo(family)
+    h = model.config.hidden_size
+    head = model.confidence_head
+    assert head.norm.weight.shape == (2 * h,)
+    assert head.fc1.weight.shape == (h, 2 * h) and head.fc1.bias is None
+    assert head.fc2.weight.shape == (1, h) and head.fc2.bias is None
+    assert sum(p.numel() for p in head.parameters()) == 2 * h * h + 3 * h
+    # Input order [h ; m]: the backbone hidden comes first.
+    hb, m = torch.randn(1, 3, h), torch.randn(1, 3, h)
+    with torch.no_grad():
+        want = head.fc2(F.silu(head.fc1(head.norm(torch.cat([hb, m], -1))))).squeeze(-1)
+        torch.testing.assert_close(head(hb, m), want)
+        assert not torch.allclose(head(m, hb), want)

@@ -647,8 +647,10 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         """Backbone CE (target `labels[2j+2]`), MTP CE (target `labels[2j+3]`) and confidence BCE.
 
         Each is a mean over its own labelled positions (zero, still attached to the graph, when there are none).
-        The BCE target is `p_MTP(gold)` taken from the MTP cross-entropy, detached.
+        The BCE target is `p_MTP(gold)` taken from the MTP cross-entropy, detached. PAD is never a target (spec
+        §1.1): labels equal to the PAD id are ignored, so no head learns to emit PAD.
         """
+        labels = labels.masked_fill(labels == self.pad_token_id, IGNORE_INDEX)
         chunk = self.config.loss_chunk_size
         zero = hidden.sum() * 0.0
         tok1_labels = labels[:, 2::2]
