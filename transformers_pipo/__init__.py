@@ -12,4 +12,16 @@ AutoModelForCausalLM.register(PipoConfig, PipoForCausalLM, exist_ok=True)
 PipoConfig.register_for_auto_class()
 PipoForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+# Training classes load on first use, so importing the package never pulls in peft/trl.
+_TRAINING_EXPORTS = ("PipoDataCollator", "PipoSFTConfig", "PipoSFTTrainer", "PipoOPDConfig", "PipoOPDTrainer")
+
+
+def __getattr__(name):
+    if name in _TRAINING_EXPORTS:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["PipoConfig", "PipoForCausalLM", "PipoPreTrainedModel", "PipoCausalLMOutput", "__version__"]

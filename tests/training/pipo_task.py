@@ -77,7 +77,43 @@ def eval_losses(model, collator, records) -> dict[str, float]:
     }
 
 
-__all__ = [
-    "A", "B", "C", "D", "E", "F", "G", "SUCCESSORS", "PAD_ID", "EOS_ID",
-    "pattern_sequence", "pattern_records", "is_legal", "auroc", "pad_tokenizer", "eval_losses",
-]
+
+
+def train_pattern_teacher(steps: int = 150, seed: int = 0, family: str = "qwen3"):
+    """A token-level causal LM (same vocabulary as the tiny PIPO models) trained on the pattern with plain CE."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_backbone_config
+
+    torch.manual_seed(seed)
+    teacher = AutoModelForCausalLM.from_config(tiny_backbone_config(family))
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight.mul_(EMBED_SCALE)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    teacher.train()
+    for _ in range(steps):
+        ids = torch.tensor([[BOS_ID, 5] + pattern_sequence(rng, 22) for _ in range(16)])
+        labels = ids.clone()
+        labels[:, :3] = -100
+        loss = teacher(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return teacher.eval()
+
+
+# Embedding scale of a "pretrained-like" tiny model: with HF's default std of 0.02 and a frozen tied LM head the
+# logits stay nearly flat; scaling the embeddings lets a two-layer model express peaked distributions.
+EMBED_SCALE = 25.0
+
+
+def pattern_pipo(seed: int = 0, family: str = "qwen3", **kwargs):
+    """A tiny PIPO model with pretrained-like embedding scale (see EMBED_SCALE)."""
+    from conftest import tiny_pipo
+
+    model = tiny_pipo(family, seed=seed, **kwargs)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(EMBED_SCALE)
+    return model

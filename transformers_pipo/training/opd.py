@@ -1,0 +1,427 @@
+"""PIPO on-policy distillation (spec §2.5), built on trl's `GKDTrainer`.
+
+Each step (with probability `lmbda`, 1.0 by default) the student rolls out in PIPO mode (`model.generate`, batched,
+sampling, confidence threshold τ), the rollout is laid out exactly as the model saw it (parity-aligned prompt +
+raw slots, PADs included), and:
+
+- the student runs the training forward (compressor → backbone → MTP, token1 teacher-forced);
+- the frozen teacher (any causal LM with the student's vocabulary) scores the PAD-compacted sequence, and its hidden
+  states are mapped back to full length (`compact_pads` / `map_back`, spec §2.5d);
+- divergences at backbone slots (teacher positions 1, 3, …) and MTP slots (2, 4, …) with `divergence` = `full`,
+  `topk` or `sampled` (a correct score-function estimator, spec §2.5f), in LM-head chunks;
+- the confidence head regresses α = min(1, p_t(y)/p_s(y)) (1 − TV for `full`), detached; MTP labels at PAD slots
+  can be filled from the student (spec §2.5e).
+
+What is reused from `GKDTrainer`: teacher loading/preparation (`teacher_model_init_kwargs`, accelerate/DeepSpeed
+placement, the shared-vocabulary check), the `lmbda` on-policy switch and `seq_kd`, model unwrapping for
+generation, dropout disabling, peft wrapping, and its config fields (`lmbda`, `beta`, `temperature`,
+`max_new_tokens`). What is replaced: the rollout → batch conversion (`generate_on_policy_outputs`) and the loss
+(`compute_loss`), because GKD's loss compares one next-token distribution per position of one shared sequence,
+while PIPO has two prediction heads per latent and a teacher that must not see PADs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .collator import IGNORE_INDEX, PipoDataCollator
+from .losses import DIVERGENCES, opd_loss
+from .sft import PipoTrainingMixinArguments, _ComponentLogging, load_pipo_model, pipo_base
+
+with warnings.catch_warnings():
+    # trl announces its experimental namespace with a warning on import; the GKD API used here is pinned by tests.
+    warnings.simplefilter("ignore")
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+from trl.models.utils import _ForwardRedirection
+
+
+@dataclass
+class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
+    """`GKDConfig` (so `SFTConfig`/`TrainingArguments`) plus PIPO OPD knobs.
+
+    Defaults follow spec §2.5: fully on-policy (`lmbda=1`), reverse KL (`beta=1`), rollout temperature 1.0,
+    rollout confidence threshold τ = 0.95, `topk` divergence with K = 32, PAD labels filled. Rollouts sample from the
+    full distribution (`top_k=0`, `top_p=1.0`); the reference used 20 / 0.95 (with truncation the `sampled`
+    estimator is no longer exactly unbiased for the untruncated KL).
+    """
+
+    divergence: str = field(
+        default="topk",
+        metadata={"help": "'full' (reverse KL / JSD over the vocabulary), 'topk' (over student∪teacher top-k∪{y}, "
+                  "renormalised) or 'sampled' (score-function estimator).", "choices": list(DIVERGENCES)},
+    )
+    topk: int = field(default=32, metadata={"help": "K for divergence='topk'."})
+    divergence_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of both softmaxes in the divergence (τ_T)."}
+    )
+    pipo_confidence_threshold: float = field(
+        default=0.95,
+        metadata={"help": "Rollout confidence threshold τ: <0 commits every draft, >=1 never drafts (always PAD)."},
+    )
+    top_k: int = field(default=0, metadata={"help": "Rollout top-k (0 = off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Rollout top-p (1.0 = off)."})
+    fill_pad_labels: bool = field(
+        default=True,
+        metadata={"help": "Supervise the MTP and confidence head at PAD draft slots with a label drawn from the "
+                  "student (argmax; a sample for divergence='sampled')."},
+    )
+    # GKD/SFT defaults that do not suit PIPO OPD.
+    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
+    lmbda: float = field(default=1.0, metadata={"help": "Probability of an on-policy (student rollout) step."})
+    beta: float = field(
+        default=1.0, metadata={"help": "Generalised JSD interpolation: 1 = reverse KL (default), 0 = forward KL."}
+    )
+    max_pad_ratio: float = field(
+        default=0.0, metadata={"help": "PAD augmentation of dataset responses (only used when lmbda < 1)."}
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
+    # trl defaults gradient checkpointing on; here it is off unless asked for (`--activation_checkpointing`).
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Activation (gradient) checkpointing of the student."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Right-truncate dataset rows (off-policy steps only) to this many tokens."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_pipo_fields()
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}.")
+        if self.divergence == "sampled" and self.beta != 1.0:
+            raise ValueError("divergence='sampled' estimates the reverse KL only; set beta=1.0.")
+        if self.topk <= 0:
+            raise ValueError(f"topk must be positive, got {self.topk}.")
+        if self.divergence_temperature <= 0 or self.temperature <= 0:
+            raise ValueError("temperature and divergence_temperature must be positive.")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollout → training rows
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rollout_rows(output, pad_token_id: int) -> list[tuple[list[int], list[int]]]:
+    """Training rows `(ids, labels)` from a PIPO `generate` output.
+
+    Row = `pipo_prompt_ids[b]` (the parity-aligned prompt the model saw) + the raw slots `pipo_slot_ids[b, :len]`
+    (+ one PAD when the slot count is odd). Labels: -100 on the prompt and on every PAD, the ids elsewhere.
+    """
+    rows = []
+    for b, prompt in enumerate(output.pipo_prompt_ids):
+        prompt = [int(t) for t in prompt]
+        if len(prompt) % 2:
+            raise ValueError(f"rollout row {b}: pipo_prompt_ids has odd length {len(prompt)}; the parity rule failed.")
+        n = int(output.pipo_slot_lengths[b])
+        slots = [int(t) for t in output.pipo_slot_ids[b, :n]]
+        if n % 2:
+            slots.append(pad_token_id)
+        for i in range(0, len(slots), 2):
+            if slots[i] == pad_token_id:
+                raise ValueError(f"rollout row {b}: PAD emitted as token1 at slot {i}; PAD may only fill draft slots.")
+        ids = prompt + slots
+        labels = [IGNORE_INDEX] * len(prompt) + [t if t != pad_token_id else IGNORE_INDEX for t in slots]
+        rows.append((ids, labels))
+    return rows
+
+
+def sequence_rows(sequences, prompt_width: int, prompt_mask, pad_token_id: int, eos_token_ids) -> list:
+    """Training rows from a plain (non-PIPO) `generate` output (e.g. a teacher with `seq_kd`): prompt + tokens up to
+    and including the first EOS, with the PIPO parity rules applied (PAD after an odd prompt, even total)."""
+    eos = set(eos_token_ids or [])
+    rows = []
+    for b in range(sequences.shape[0]):
+        prompt = [int(t) for t, m in zip(sequences[b, :prompt_width], prompt_mask[b]) if int(m)]
+        response = []
+        for t in sequences[b, prompt_width:].tolist():
+            if t == pad_token_id:
+                break
+            response.append(t)
+            if t in eos:
+                break
+        if len(prompt) % 2:
+            prompt.append(pad_token_id)
+        ids = prompt + response
+        labels = [IGNORE_INDEX] * len(prompt) + response
+        if len(ids) % 2:
+            ids.append(pad_token_id)
+            labels.append(IGNORE_INDEX)
+        rows.append((ids, labels))
+    return rows
+
+
+def pad_rows(rows, pad_token_id: int, device=None):
+    """Right-pad `(ids, labels)` rows (each of even length) into `input_ids`, `attention_mask`, `labels`."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (ids, lab) in enumerate(rows):
+        if len(ids) % 2:
+            raise ValueError(f"row {b} has odd length {len(ids)}; PIPO rows are laid out in whole pairs.")
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        labels[b, : len(lab)] = torch.tensor(lab)
+        mask[b, : len(ids)] = 1
+    if device is not None:
+        input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+    return input_ids, mask, labels
+
+
+def _default_rollout(model, input_ids, **kwargs):
+    return model.generate(input_ids, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
+    """On-policy distillation of a PIPO student from a frozen causal-LM teacher (see the module docstring).
+
+    Logs (per logging window): `loss`, `backbone_loss` / `mtp_loss` (divergences as optimised), `confidence_loss`,
+    `divergence_backbone` / `divergence_mtp` (divergence values; single-sample KL estimates for `sampled`),
+    `alpha_mean`, `mean_confidence` (predicted, at supervised MTP slots), `fill_fraction`, and for rollout steps
+    `rollout_commit_rate`, `rollout_length` (real tokens), `rollout_slots`, `rollout_confidence`.
+
+    Args:
+        model: a `PipoForCausalLM` or a path to one.
+        teacher_model: a causal LM (object or path) with the same vocabulary; never a PIPO model.
+        args: a [`PipoOPDConfig`].
+        train_dataset: records with prompts (`messages`, `prompt`, or `prompt_ids`); responses are only needed
+            when `lmbda < 1`. Lists are converted to a `datasets.Dataset`.
+        processing_class: the tokenizer.
+        peft_config: custom peft config for `train_mode="lora"` (default: from the `lora_*` fields).
+        rollout_fn: `fn(model, input_ids, **generate_kwargs)` returning an output with the PIPO generate fields
+            (`pipo_slot_ids`, `pipo_slot_lengths`, `pipo_prompt_ids`, ...); defaults to `model.generate`. Hook
+            for an external rollout engine.
+    """
+
+    _tag_names = ["trl", "gkd", "pipo"]
+    _name = "PIPO-OPD"
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model=None,
+        teacher_model=None,
+        args: PipoOPDConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        rollout_fn=None,
+    ):
+        if args is None:
+            args = PipoOPDConfig(output_dir="pipo-opd")
+        if not isinstance(args, PipoOPDConfig):
+            raise TypeError(f"PipoOPDTrainer needs a PipoOPDConfig, got {type(args).__name__}.")
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError("PipoOPDTrainer needs a teacher_model (object or path), or teacher_model_name_or_path.")
+        if not isinstance(teacher_model, str) and getattr(teacher_model.config, "model_type", None) == "pipo":
+            raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model (it scores PAD-free text).")
+        model = load_pipo_model(model)
+        if args.loss_chunk_size is not None:
+            pipo_base(model).config.loss_chunk_size = args.loss_chunk_size
+        pad = pipo_base(model).config.pad_token_id
+        if args.train_mode == "lora":
+            if peft_config is None and not hasattr(model, "peft_config"):
+                peft_config = args.make_lora_config()
+        else:
+            from .params import configure_trainable
+
+            model = configure_trainable(model, args.train_mode, peft_config)
+            peft_config = None
+        if data_collator is None:
+            data_collator = PipoDataCollator(
+                tokenizer=processing_class,
+                pad_token_id=pad,
+                max_length=args.max_length,
+                max_pad_ratio=args.max_pad_ratio,
+                pad_augmentation=args.pad_augmentation,
+                min_split_pairs=args.min_split_pairs,
+                mask_response_prefix=args.mask_response_prefix,
+                require_response=args.lmbda < 1.0 and not args.seq_kd,
+                return_prompts=True,
+            )
+        train_dataset = _as_dataset(train_dataset)
+        eval_dataset = _as_dataset(eval_dataset)
+        # GKDTrainer suggests migrating lmbda=1/temperature=1 runs to DistillationTrainer, which cannot do PIPO
+        # rollouts or two-slot losses; keep that advice out of PIPO logs.
+        gkd_logger = logging.getLogger("trl.experimental.gkd.gkd_trainer")
+        level = gkd_logger.level
+        gkd_logger.setLevel(logging.ERROR)
+        try:
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+            )
+        finally:
+            gkd_logger.setLevel(level)
+        if getattr(self.accelerator.unwrap_model(self.teacher_model).config, "model_type", None) == "pipo":
+            raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model.")
+        for param in self.teacher_model.parameters():
+            param.requires_grad_(False)
+        self.pad_token_id = pad
+        self.rollout_fn = rollout_fn or _default_rollout
+        self._forward_redirection = _ForwardRedirection()
+        self._init_components()
+        self._evaluating = False
+        self.generation_kwargs = self.rollout_kwargs()
+
+    # -- rollout ----------------------------------------------------------------------------------------------------
+
+    def rollout_kwargs(self) -> dict:
+        args = self.args
+        return {
+            "do_sample": True,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens,
+            "pad_token_id": self.pad_token_id,
+        }
+
+    def generate_on_policy_outputs(self, model, inputs, generation_config=None):
+        """Roll out from `inputs["prompts"]` and return `(input_ids, attention_mask, labels)` PIPO rows.
+
+        A PIPO model (the student) rolls out in PIPO mode with τ = `pipo_confidence_threshold`; a plain causal LM
+        (the teacher, for `seq_kd`) generates ordinarily and its text is laid out with the parity rules.
+        """
+        if "prompts" not in inputs:
+            raise ValueError("on-policy steps need 'prompts' in the batch (PipoDataCollator(return_prompts=True)).")
+        prompts, prompt_mask = inputs["prompts"], inputs["prompt_attention_mask"]
+        kwargs = {**self.rollout_kwargs(), "attention_mask": prompt_mask, "return_dict_in_generate": True}
+        is_pipo = hasattr(pipo_base(model), "embed_pairs")
+        if is_pipo:
+            kwargs["pipo_confidence_threshold"] = self.args.pipo_confidence_threshold
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = self.rollout_fn(model, prompts, **kwargs)
+        finally:
+            model.train(was_training)
+        device = prompts.device
+        if is_pipo:
+            if getattr(out, "pipo_slot_ids", None) is None:
+                raise ValueError(
+                    "the student's generate did not return PIPO rollout fields (pipo_slot_ids, pipo_slot_lengths, "
+                    "pipo_prompt_ids); it must decode in PIPO mode with return_dict_in_generate=True."
+                )
+            rows = rollout_rows(out, self.pad_token_id)
+            lengths = out.pipo_slot_lengths.float()
+            real = torch.tensor(
+                [sum(1 for t in out.pipo_slot_ids[b, : int(n)].tolist() if t != self.pad_token_id)
+                 for b, n in enumerate(out.pipo_slot_lengths)],
+                dtype=torch.float32,
+            )
+            stats = {"rollout_slots": lengths.mean(), "rollout_length": real.mean()}
+            if getattr(out, "committed_drafts", None) is not None and getattr(out, "decode_steps", None) is not None:
+                rate = out.committed_drafts.float() / out.decode_steps.clamp(min=1).float()
+                stats["rollout_commit_rate"] = rate.mean()
+            if getattr(out, "mean_confidence", None) is not None:
+                stats["rollout_confidence"] = torch.nanmean(out.mean_confidence.float())
+            self._record(stats, mode="eval" if self._evaluating else "train")
+        else:
+            sequences = out.sequences if hasattr(out, "sequences") else out
+            eos = model.generation_config.eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            rows = sequence_rows(sequences, prompts.shape[1], prompt_mask, self.pad_token_id, eos)
+        return pad_rows(rows, self.pad_token_id, device=device)
+
+    # -- loss -------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            raise ValueError("PipoOPDTrainer.compute_loss needs rollout rows (input_ids, attention_mask, labels).")
+        unwrapped = self.accelerator.unwrap_model(model)
+        # Through the wrapper's forward, so DDP/FSDP/DeepSpeed see the whole student computation.
+        loss, stats = self._forward_redirection(model, unwrapped, self._opd_loss, unwrapped, inputs)
+        self._record(stats, mode="eval" if self._evaluating else "train")
+        return (loss, None) if return_outputs else loss
+
+    def _opd_loss(self, student, inputs):
+        args = self.args
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        teacher.eval()
+        out = opd_loss(
+            student,
+            teacher,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["labels"],
+            divergence=args.divergence,
+            beta=args.beta,
+            topk=args.topk,
+            temperature=args.divergence_temperature,
+            fill_pad_labels=args.fill_pad_labels,
+            mtp_loss_weight=args.mtp_loss_weight,
+            confidence_loss_weight=args.confidence_loss_weight,
+        )
+        with torch.no_grad():
+            stats = {
+                "backbone_loss": out.backbone_loss,
+                "mtp_loss": out.mtp_loss,
+                "confidence_loss": out.confidence_loss,
+                "divergence_backbone": torch.nanmean(out.backbone_divergence),
+                "divergence_mtp": torch.nanmean(out.mtp_divergence),
+                "alpha_mean": torch.nanmean(out.alpha),
+                "mean_confidence": torch.nanmean(out.confidence),
+                "fill_fraction": out.filled.sum() / out.mtp_valid.sum().clamp(min=1),
+            }
+        return out.loss, stats
+
+    # -- evaluation -------------------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation = one on-policy rollout per batch + the OPD loss on it."""
+        inputs = self._prepare_inputs(inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        self._evaluating = True
+        try:
+            ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        finally:
+            self._evaluating = False
+        return loss.detach(), None, None
+
+
+def _as_dataset(data):
+    if data is None or not isinstance(data, list):
+        return data
+    from datasets import Dataset
+
+    return Dataset.from_list(data)
+
+
+__all__ = [
+    "PipoOPDConfig",
+    "PipoOPDTrainer",
+    "rollout_rows",
+    "sequence_rows",
+    "pad_rows",
+]
