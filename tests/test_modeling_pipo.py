@@ -159,6 +159,10 @@ def test_from_backbone_keeps_backbone_and_lm_head_bit_identical(family):
         assert torch.equal(state[ours], value), key
     assert torch.equal(model.lm_head.weight, head)
     assert model.config.pad_token_id == PAD_ID
+    tied = source.get_output_embeddings().weight is source.get_input_embeddings().weight
+    assert tied is (family in ("qwen3", "gpt2"))
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) is tied
+    assert model.config.tie_word_embeddings is tied
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
@@ -735,3 +739,41 @@ def test_confidence_head_shape_and_parameter_count(family):
         want = head.fc2(F.silu(head.fc1(head.norm(torch.cat([hb, m], -1))))).squeeze(-1)
         torch.testing.assert_close(head(hb, m), want)
         assert not torch.allclose(head(m, hb), want)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_losses_are_token_weighted_row_means(side):
+    model = tiny_pipo("qwen3")
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, PAD_ID, (n,), generator=g) for n in (12, 7, 9)]
+    prompts = (3, 2, 5)  # odd and even boundaries
+    width = 12
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, IGNORE)
+    sums = {"backbone_loss": 0.0, "mtp_loss": 0.0, "confidence_loss": 0.0}
+    counts = {"backbone_loss": 0, "mtp_loss": 0, "confidence_loss": 0}
+    with torch.no_grad():
+        for b, (r, p) in enumerate(zip(rows, prompts)):
+            lab = r.clone()
+            lab[:p] = IGNORE
+            sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+            ids[b, sl], mask[b, sl], labels[b, sl] = r, 1, lab
+            single = model(r.unsqueeze(0), labels=lab.unsqueeze(0))
+            n1 = int((single.pair_labels[0, 2::2] != IGNORE).sum())
+            n2 = int((single.pair_labels[0, 3::2] != IGNORE).sum())
+            for name, n in (("backbone_loss", n1), ("mtp_loss", n2), ("confidence_loss", n2)):
+                sums[name] += getattr(single, name).item() * n
+                counts[name] += n
+        batch = model(ids, attention_mask=mask, labels=labels)
+    for name in sums:
+        assert abs(getattr(batch, name).item() - sums[name] / counts[name]) < 1e-5, name
+
+
+def test_shortest_inputs():
+    model = tiny_pipo("llama").train()
+    out = model(torch.tensor([[5]]), labels=torch.tensor([[5]]))  # one token: PAD appended, one latent
+    assert out.pair_input_ids.tolist() == [[5, PAD_ID]] and out.logits.shape == (1, 1, VOCAB)
+    assert out.mtp_logits is None and torch.isfinite(out.loss)
+    out = model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]))  # two latents
+    assert out.mtp_logits.shape == (1, 1, VOCAB) and torch.isfinite(out.loss) and out.mtp_loss > 0
+    out.loss.backward()
