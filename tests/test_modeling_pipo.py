@@ -777,3 +777,31 @@ def test_shortest_inputs():
     out = model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]))  # two latents
     assert out.mtp_logits.shape == (1, 1, VOCAB) and torch.isfinite(out.loss) and out.mtp_loss > 0
     out.loss.backward()
+
+
+def test_compressor_gated_init_is_exact_mean():
+    model = tiny_pipo("llama", compressor_type="gated")
+    ids = random_ids(2, 10)
+    emb = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(model.embed_pairs(ids), 0.5 * emb[:, 0::2] + 0.5 * emb[:, 1::2], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(("scheme", "left", "right"), [("hidden_only", 0.0, 1.0), ("average", 0.5, 0.5)])
+def test_mtp_fc_init_schemes(scheme, left, right):
+    model = tiny_pipo("qwen3", mtp_fc_init=scheme)
+    h = model.config.hidden_size
+    eye = torch.eye(h)
+    assert torch.equal(model.mtp.fc.weight, torch.cat([left * eye, right * eye], dim=1))
+    assert model.mtp.fc.bias is None
+
+
+def test_from_backbone_rejects_encoder_models():
+    from transformers import BertConfig, BertLMHeadModel, T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match=r"decoder-only backbone.*encoder-decoder model_type 't5'"):
+        PipoForCausalLM.from_backbone(t5, pad_token_id=5)
+    bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, is_decoder=True))
+    with pytest.raises(ValueError, match=r"'bert' is a bidirectional encoder"):
+        PipoForCausalLM.from_backbone(bert, pad_token_id=5)
