@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,12 @@ from transformers.generation.logits_process import (
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
 )
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StopStringCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.95
@@ -77,9 +83,21 @@ def pipo_generate_entry(model, stock_generate, inputs=None, generation_config=No
         return stock_generate(inputs, generation_config, **kwargs)
     if kwargs.get("custom_generate") is None:
         kwargs["custom_generate"] = pipo_generate
+        # transformers 5.24 does not forward `streamer` or `tokenizer` to a callable custom_generate (HF_NOTES §3.2),
+        # so they travel under PIPO names; stop strings are then turned into a criterion inside the loop.
         if kwargs.get("streamer") is not None:
-            # transformers 5.24 does not forward `streamer` to a callable custom_generate (HF_NOTES §3.2).
             kwargs["pipo_streamer"] = kwargs.pop("streamer")
+        if kwargs.get("tokenizer") is not None:
+            kwargs["pipo_tokenizer"] = kwargs.pop("tokenizer")
+        stop_strings = kwargs.pop("stop_strings", None)
+        if stop_strings is None:
+            source = generation_config if generation_config is not None else model.generation_config
+            stop_strings = getattr(source, "stop_strings", None)
+            if stop_strings:
+                generation_config = copy.deepcopy(source)
+                generation_config.stop_strings = None
+        if stop_strings:
+            kwargs["pipo_stop_strings"] = stop_strings
     return stock_generate(inputs, generation_config, **kwargs)
 
 
@@ -229,6 +247,8 @@ def pipo_generate(
     synced_gpus: bool = False,
     streamer=None,
     pipo_streamer=None,
+    pipo_tokenizer=None,
+    pipo_stop_strings=None,
     **model_kwargs,
 ):
     """PIPO decoding loop (spec §3 with the fixes of §4.3/§3.5): see `PipoForCausalLM.generate`.
@@ -270,6 +290,10 @@ def pipo_generate(
     criteria = StoppingCriteriaList(
         [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
     )
+    if pipo_stop_strings:
+        if pipo_tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass tokenizer= to generate().")
+        criteria.append(StopStringCriteria(tokenizer=pipo_tokenizer, stop_strings=pipo_stop_strings))
     state = _PipoDecodeState(model, input_ids, attention_mask, generation_config, processors, criteria, streamer)
     if streamer is not None:
         streamer.put(input_ids.cpu())

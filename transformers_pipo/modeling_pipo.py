@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
 
 from .configuration_pipo import PipoConfig, _backbone_hidden_size
-from .generation_pipo import pipo_generate_entry
+from .generation_pipo import DEFAULT_CONFIDENCE_THRESHOLD, pipo_generate_entry
 from .modelcard_pipo import write_model_card
 
 IGNORE_INDEX = -100
@@ -463,6 +463,11 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         embedding_name = next(n for n, m in self.model.named_children() if m is self.model.get_input_embeddings())
         self._tied_weights_keys = {"lm_head.weight": f"model.{embedding_name}.weight"}
         self.post_init()
+        if self.generation_config is not None:
+            # A PIPO generation config of its own: `_from_model_config` would make loading drop the PIPO fields.
+            self.generation_config._from_model_config = False
+            self.generation_config.pad_token_id = config.pad_token_id
+            self.generation_config.pipo_confidence_threshold = DEFAULT_CONFIDENCE_THRESHOLD
 
     # -- transformers plumbing -----------------------------------------------------------------------------------------
 
@@ -810,6 +815,7 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         pipo.mtp.to(dtype)
         _init_mtp_from_backbone(pipo, body, mtp_init, native)
         pipo.generation_config = copy.deepcopy(causal_lm.generation_config)
+        pipo.generation_config._from_model_config = False
         pipo.generation_config.pad_token_id = pad_token_id
         if pipo.generation_config.do_sample is None:
             # An explicit value stops pipeline() from injecting its sampling defaults (HF_NOTES §4).
