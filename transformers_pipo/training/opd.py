@@ -304,11 +304,12 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             "pad_token_id": self.pad_token_id,
         }
 
-    def generate_on_policy_outputs(self, model, inputs, generation_config=None):
+    def generate_on_policy_outputs(self, model, inputs, generation_config=None, pad_token_id=None):
         """Roll out from `inputs["prompts"]` and return `(input_ids, attention_mask, labels)` PIPO rows.
 
         A PIPO model (the student) rolls out in PIPO mode with τ = `pipo_confidence_threshold`; a plain causal LM
-        (the teacher, for `seq_kd`) generates ordinarily and its text is laid out with the parity rules.
+        (the teacher, for `seq_kd`) generates ordinarily and its text is laid out with the parity rules. Sampling
+        settings come from the config (`generation_config`/`pad_token_id`, passed by GKD, are not used).
         """
         if "prompts" not in inputs:
             raise ValueError("on-policy steps need 'prompts' in the batch (PipoDataCollator(return_prompts=True)).")
