@@ -105,8 +105,10 @@ def test_lora_opd_step(tmp_path):
     )
     prompts = [{"prompt_ids": r["prompt_ids"]} for r in pattern_records(4, seed=2)]
     trainer = PipoOPDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
-                             processing_class=pad_tokenizer())
+                             eval_dataset=prompts[:2], processing_class=pad_tokenizer())
     assert isinstance(trainer.model, PeftModel)
     trainer.train()
     assert trainer.state.global_step == 2
     assert "rollout_commit_rate" in trainer.state.log_history[0]
+    metrics = trainer.evaluate()  # one on-policy rollout per eval batch + the OPD loss
+    assert {"eval_loss", "eval_divergence_backbone", "eval_alpha_mean", "eval_rollout_length"} <= set(metrics)

@@ -408,3 +408,50 @@ def test_short_opd_run_lowers_the_divergence(tmp_path):
                 "alpha_mean", "mean_confidence", "rollout_commit_rate", "rollout_length", "rollout_slots"):
         assert key in logged, key
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items()), "the teacher is frozen"
+
+
+def test_lm_heads_never_see_more_than_a_chunk():
+    """Memory stays bounded at long context: both LM heads are applied to at most `chunk_size` rows at a time."""
+    student, teacher = matched_student_and_teacher()
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+             for m in (student.lm_head, teacher.lm_head)]
+    ids = torch.tensor([[5, 6] + [7, 8, 9, P] * 10])
+    labels = torch.where(ids == P, torch.tensor(-100), ids)
+    labels[:, :2] = -100
+    try:
+        with torch.no_grad():
+            opd_loss(student, teacher, ids, torch.ones_like(ids), labels, divergence="full", chunk_size=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls and max(calls) <= 4 and sum(calls) >= 2 * 20  # ~20 supervised slots, student + teacher
+
+
+@pytest.mark.parametrize("seq_kd", [False, True])
+def test_off_policy_steps_use_dataset_or_teacher_text(tmp_path, seq_kd):
+    """lmbda=0: GKD's switch never rolls out the student; the rows come from the dataset responses, or from the
+    teacher's own generations with seq_kd (laid out with the parity rules)."""
+    from transformers_pipo import PipoOPDConfig, PipoOPDTrainer
+    from pipo_task import pattern_pipo
+
+    teacher = train_pattern_teacher(steps=5)
+    args = PipoOPDConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, lmbda=0.0, seq_kd=seq_kd,
+        max_new_tokens=5, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1,
+    )
+    trainer = PipoOPDTrainer(model=pattern_pipo(seed=2), teacher_model=teacher, args=args,
+                             train_dataset=pattern_records(2, seed=7), processing_class=pad_tokenizer())
+    seen = []
+    original = trainer._opd_loss
+    trainer._opd_loss = lambda student, inputs: (seen.append(inputs["input_ids"].clone()), original(student, inputs))[1]
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert "rollout_commit_rate" not in logged and "divergence_backbone" in logged
+    ids = seen[0]
+    assert ids.shape[1] % 2 == 0
+    if not seq_kd:
+        expected = PipoDataCollator(pad_token_id=P, max_pad_ratio=0.0)(pattern_records(2, seed=7))["input_ids"]
+        assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, expected.tolist()))
+    else:
+        assert int((ids != P).sum()) > int(sum(len(r["prompt_ids"]) for r in pattern_records(2, seed=7)))

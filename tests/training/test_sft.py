@@ -115,6 +115,8 @@ def test_loss_weights_come_from_the_config(tmp_path):
         loss, out = trainer.compute_loss(model, batch, return_outputs=True)
     assert loss.item() == pytest.approx((out.backbone_loss + 2.0 * out.confidence_loss).item(), rel=1e-6)
     assert trainer.loss_is_scaled_for_ga is False  # per-micro-batch means: Trainer averages over accumulation
+    metrics = trainer.evaluate(eval_dataset=records)
+    assert {"eval_loss", "eval_backbone_loss", "eval_mtp_loss", "eval_confidence_loss"} <= set(metrics)
 
 
 @pytest.mark.parametrize("mode", ["full", "heads"])
