@@ -381,8 +381,8 @@ def _pair_step(model, state, hidden, last_pos, mtp_cache, tau, run_mtp, mtp_toke
 
     token2 = torch.full_like(token1, pad)
     emitted2 = torch.zeros_like(active1)
-    if run_mtp:
-        active2 = active1 & ~state.finished
+    active2 = active1 & ~state.finished
+    if run_mtp and bool(active2.any()):  # nobody left to draft for (e.g. max_new_tokens=1): skip phase 2
         tokens_in = token1.unsqueeze(1) if mtp_tokens is None else torch.cat([mtp_tokens, token1.unsqueeze(1)], 1)
         hidden_in = h_last if mtp_tokens is None else hidden
         mtp_hidden = model.run_mtp(tokens_in, hidden_in, mtp_mask, mtp_positions, cache=mtp_cache, use_cache=True)
@@ -397,10 +397,7 @@ def _pair_step(model, state, hidden, last_pos, mtp_cache, tau, run_mtp, mtp_toke
         state.committed += emitted2.long()
         token2 = torch.where(commit, draft, token2)
         state.emit(draft, emitted2, scores2, raw2)
-        state.record_slot(token2, active2)
-    else:
-        active2 = active1 & ~state.finished
-        state.record_slot(token2, active2)
+    state.record_slot(token2, active2)
     state.stream(token1, active1, token2, emitted2)
     return token1, token2
 
