@@ -7,7 +7,8 @@ Per row:
    for the parity rule, exactly as at inference.
 2. An odd prompt gets one PAD appended, so the first response token is a token1 and no pair straddles the
    prompt/response boundary.
-3. PAD augmentation of the response (one ratio `r ~ U[0, max_pad_ratio]` per call, i.e. per training step):
+3. PAD augmentation of the response (one ratio `r ~ U[0, max_pad_ratio]` per collator call, i.e. per forward pass /
+   micro-batch, as in the reference):
    - `"split"` (spec §2.2, the reference): `n = round(r · n_eligible)` of the full response pairs `(a, b)` become
      `(a, PAD), (b, PAD)`; the pairing of every other pair is unchanged;
    - `"shift"` (spec §4.9, what inference produces): at `n` emitted pairs the draft is rejected, giving
@@ -141,7 +142,9 @@ class PipoDataCollator:
             if not prefix:
                 raise ValueError(f"mask_response_prefix {self.mask_response_prefix!r} tokenises to nothing.")
         self._prefix_ids = list(prefix) if prefix else []
-        self._rng = random.Random(self.seed) if self.seed is not None else random
+        # None means Python's global `random` (kept as a lookup, not an attribute, so the collator pickles for
+        # spawned dataloader workers).
+        self._rng = random.Random(self.seed) if self.seed is not None else None
 
     # -- per row ----------------------------------------------------------------------------------------------------
 
@@ -181,7 +184,7 @@ class PipoDataCollator:
         if len(prompt) % 2:
             prompt.append(pad)
         body = augment_response(
-            response, pad, ratio, self.pad_augmentation, self.min_split_pairs, self._rng
+            response, pad, ratio, self.pad_augmentation, self.min_split_pairs, self._rng or random
         ) if response else []
         ids = prompt + body
         labels = [IGNORE_INDEX] * len(prompt) + [t if t != pad else IGNORE_INDEX for t in body]
@@ -195,7 +198,7 @@ class PipoDataCollator:
     def draw_ratio(self) -> float:
         if self.pad_augmentation == "none" or self.max_pad_ratio <= 0:
             return 0.0
-        return self._rng.uniform(0.0, self.max_pad_ratio)
+        return (self._rng or random).uniform(0.0, self.max_pad_ratio)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:

@@ -156,7 +156,7 @@ class _ComponentLogging:
         device = self.accelerator.device
         stacked = torch.stack([torch.as_tensor(values[n], dtype=torch.float32, device=device).detach().reshape(())
                                for n in names])
-        gathered = self.accelerator.gather_for_metrics(stacked.unsqueeze(0)).reshape(-1, len(names))
+        gathered = self.accelerator.gather(stacked.unsqueeze(0)).reshape(-1, len(names))  # one row per process
         means = torch.nanmean(gathered, dim=0) if gathered.numel() else stacked
         for name, value in zip(names, means.tolist()):
             self._components[mode][name].append(value)
@@ -165,8 +165,9 @@ class _ComponentLogging:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._components[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = sum(values) / len(values)
+            finite = [v for v in values if v == v]  # NaN marks a step where the quantity was undefined
+            if finite:
+                logs[f"{prefix}{name}"] = sum(finite) / len(finite)
         self._components[mode].clear()
         super().log(logs, start_time)
 
