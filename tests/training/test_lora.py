@@ -104,11 +104,17 @@ def test_lora_opd_step(tmp_path):
         divergence="sampled", logging_steps=1,
     )
     prompts = [{"prompt_ids": r["prompt_ids"]} for r in pattern_records(4, seed=2)]
+    calls = []
+
+    def rollout(model, input_ids, **kwargs):  # the hook for an external rollout engine
+        calls.append(kwargs["pipo_confidence_threshold"])
+        return model.generate(input_ids, **kwargs)
+
     trainer = PipoOPDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
-                             eval_dataset=prompts[:2], processing_class=pad_tokenizer())
+                             eval_dataset=prompts[:2], processing_class=pad_tokenizer(), rollout_fn=rollout)
     assert isinstance(trainer.model, PeftModel)
     trainer.train()
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 2 and calls == [0.95, 0.95]
     assert "rollout_commit_rate" in trainer.state.log_history[0]
     metrics = trainer.evaluate()  # one on-policy rollout per eval batch + the OPD loss
     assert {"eval_loss", "eval_divergence_backbone", "eval_alpha_mean", "eval_rollout_length"} <= set(metrics)

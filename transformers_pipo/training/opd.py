@@ -260,8 +260,8 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             )
         train_dataset = _as_dataset(train_dataset)
         eval_dataset = _as_dataset(eval_dataset)
-        # GKDTrainer suggests migrating lmbda=1/temperature=1 runs to DistillationTrainer, which cannot do PIPO
-        # rollouts or two-slot losses; keep that advice out of PIPO logs.
+        # GKDTrainer advises moving lmbda=1/temperature=1 runs to DistillationTrainer; that advice is about its own
+        # token-level loss, which this trainer replaces, so keep it out of PIPO logs.
         gkd_logger = logging.getLogger("trl.experimental.gkd.gkd_trainer")
         level = gkd_logger.level
         gkd_logger.setLevel(logging.ERROR)
