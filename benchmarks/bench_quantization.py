@@ -9,9 +9,10 @@ CPU / fp16 on CUDA), `torchao-int8` (torchao int8 weight-only). A mode whose pac
 skipped.
 
 Memory is the bytes actually held by parameters and buffers (quantized storage, scales and quantization state
-included; tied tensors counted once), next to transformers' `get_memory_footprint()`. Speed is real generated tokens
-per second (median over `--repeats` timed calls, after a process-wide and a per-mode warm-up); `--tau -1` (the default) commits every draft so
-each backbone step yields two tokens, as a trained model with a high commit rate would.
+included; tied tensors counted once), next to transformers' `get_memory_footprint()`. Speed is real generated
+tokens per second of the median timed call (`--repeats` calls after a process-wide and a per-mode warm-up). All
+modes are loaded first and timed round-robin, so a busy machine slows them alike. `--tau -1` (the default) commits
+every draft, so each backbone step yields two tokens, as a trained model with a high commit rate would.
 
 Example (the numbers in benchmarks/results/ were produced like this):
     python benchmarks/bench_quantization.py --hidden 1024 --layers 8 --vocab 32000 --max-new-tokens 32 \
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -130,14 +132,14 @@ def quantization_config(mode: str, device: str):
     return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
 
 
-def run_mode(mode, folder, args, prompt, progress) -> dict:
+def load_mode(mode, folder, args):
+    """`(model, info)` for one mode, or `(None, {"mode", "skipped"})` when its package is missing."""
     from transformers import AutoModelForCausalLM
 
     try:
         qconfig = quantization_config(mode, args.device)
     except ImportError as err:
-        progress.update(args.repeats + 1)
-        return {"mode": mode, "skipped": f"{err.name or err} is not installed"}
+        return None, {"mode": mode, "skipped": f"{err.name or err} is not installed"}
     kwargs = {"quantization_config": qconfig} if qconfig is not None else {}
     if args.device != "cpu":
         kwargs["device_map"] = {"": args.device}
@@ -147,45 +149,52 @@ def run_mode(mode, folder, args, prompt, progress) -> dict:
     if qconfig is None and args.device != "cpu":
         model.to(args.device)
     total, heads = held_bytes(model)
-    prompt = prompt.to(args.device)
+    return model, {"mode": mode, "held_bytes": total, "fp32_heads_bytes": heads,
+                   "hf_memory_footprint": model.get_memory_footprint(), "load_s": round(load_s, 3)}
 
-    def generate():
-        return model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
-                              pipo_confidence_threshold=args.tau, return_dict_in_generate=True)
 
-    generate()  # warm-up (bitsandbytes CPU 4-bit repacks its weights on the first call)
-    progress.update(1)
-    times, tokens, commits, steps = [], 0, 0, 0
-    for _ in range(args.repeats):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = generate()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        tokens += out.sequences.shape[1] - prompt.shape[1]
-        commits += int(out.committed_drafts.sum())
-        steps += int(out.decode_steps.sum())
-        progress.update(1)
-    elapsed = sum(times)
-    median = sorted(times)[len(times) // 2]
-    result = {
-        "mode": mode,
-        "held_bytes": total,
-        "fp32_heads_bytes": heads,
-        "hf_memory_footprint": model.get_memory_footprint(),
-        "load_s": round(load_s, 3),
-        "generated_tokens": tokens,
-        "tokens_per_s": round(tokens / elapsed, 2),  # over all timed calls
-        "ms_per_token": round(1000 * elapsed / max(tokens, 1), 2),
-        "median_call_s": round(median, 4),
-        "median_tokens_per_s": round(tokens / len(times) / median, 2),
-        "best_call_s": round(min(times), 4),
-        "commit_rate": round(commits / max(steps, 1), 3),
-    }
-    del model
-    return result
+def timed_generate(model, prompt, args):
+    """(seconds, new tokens, committed drafts, decode steps) of one greedy generate call."""
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
+                         pipo_confidence_threshold=args.tau, return_dict_in_generate=True)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return (seconds, out.sequences.shape[1] - prompt.shape[1], int(out.committed_drafts.sum()),
+            int(out.decode_steps.sum()))
+
+
+def benchmark_modes(modes, folder, args, prompt) -> list[dict]:
+    """Load every mode, warm each up, then time them round-robin (a busy machine slows all modes alike)."""
+    loaded, results = {}, []
+    for mode in tqdm(modes, desc="load + warm-up", unit="mode"):
+        model, info = load_mode(mode, folder, args)
+        results.append(info)
+        if model is not None:
+            timed_generate(model, prompt.to(args.device), args)  # warm-up (bnb CPU 4-bit repacks its weights)
+            loaded[mode] = (model, info)
+    runs = {mode: [] for mode in loaded}
+    with tqdm(total=args.repeats * len(loaded), desc="timed generate", unit="call") as progress:
+        for _ in range(args.repeats):
+            for mode, (model, _) in loaded.items():
+                runs[mode].append(timed_generate(model, prompt.to(args.device), args))
+                progress.update(1)
+    for mode, (_, info) in loaded.items():
+        times = sorted(r[0] for r in runs[mode])
+        tokens = sum(r[1] for r in runs[mode])
+        median = times[len(times) // 2]
+        info.update({
+            "generated_tokens": tokens,
+            "tokens_per_s": round(tokens / sum(times), 2),  # over all timed calls
+            "median_call_s": round(median, 4),
+            "median_tokens_per_s": round(tokens / len(times) / median, 2),
+            "best_call_s": round(times[0], 4),
+            "commit_rate": round(sum(r[2] for r in runs[mode]) / max(sum(r[3] for r in runs[mode]), 1), 3),
+        })
+    return results
 
 
 def main(argv=None) -> int:
@@ -204,22 +213,19 @@ def main(argv=None) -> int:
     n_params = model.num_parameters()
     prompt = torch.randint(3, args.vocab - 1, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     modes = args.modes.split(",")
-    results = []
     for _ in range(2):  # process-wide warm-up (lazy initialisation in torch/transformers) before any timing
         model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False, pipo_confidence_threshold=args.tau)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, model_card=False)
         del model, backbone
-        with tqdm(total=len(modes) * (args.repeats + 1), desc="bench_quantization", unit="call") as progress:
-            for mode in modes:
-                progress.set_postfix_str(mode)
-                results.append(run_mode(mode, folder, args, prompt, progress))
+        results = benchmark_modes(modes, folder, args, prompt)
 
     base = next((r for r in results if r["mode"] == "fp32" and "skipped" not in r), None)
     print(f"\nPIPO {args.family} hidden={args.hidden} layers={args.layers} vocab={args.vocab} "
           f"({n_params / 1e6:.1f} M params), prompt {args.prompt_len}, {args.max_new_tokens} new tokens, "
           f"tau={args.tau}, device={args.device}, threads={torch.get_num_threads()}")
-    header = f"{'mode':<13} {'memory MiB':>10} {'vs fp32':>8} {'fp32 heads MiB':>14} {'tok/s':>8} {'ms/tok':>8} {'vs fp32':>8}"
+    header = (f"{'mode':<13} {'memory MiB':>10} {'vs fp32':>8} {'fp32 heads MiB':>14} {'tok/s':>8} {'ms/tok':>8} "
+              f"{'vs fp32':>8}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -228,13 +234,18 @@ def main(argv=None) -> int:
             continue
         mem_ratio = r["held_bytes"] / base["held_bytes"] if base else float("nan")
         speed_ratio = r["median_tokens_per_s"] / base["median_tokens_per_s"] if base else float("nan")
-        print(f"{r['mode']:<13} {r['held_bytes'] / 2**20:>10.1f} {mem_ratio:>7.2f}x {r['fp32_heads_bytes'] / 2**20:>14.1f} "
+        print(f"{r['mode']:<13} {r['held_bytes'] / 2**20:>10.1f} {mem_ratio:>7.2f}x "
+              f"{r['fp32_heads_bytes'] / 2**20:>14.1f} "
               f"{r['median_tokens_per_s']:>8.1f} {1000 / r['median_tokens_per_s']:>8.1f} {speed_ratio:>7.2f}x")
+    print("(memory: parameters + buffers actually held; tok/s: median call; the compressor and confidence head\n"
+          " stay fp32 in every mode, and embeddings / LM head are never quantized)")
     record = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "parameters": n_params,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+                        "threads": torch.get_num_threads(), "machine": platform.machine(),
+                        "cpu_count": os.cpu_count(),
+                        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "results": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def _head_dim(bb) -> int:
 
 
 def full_attention_layer_params(bb) -> int:
-    """One decoder layer with softmax attention: q/k/v/o (+ Qwen3.5's output gate in q_proj, + q/k norms), MLP, 2 norms."""
+    """One softmax-attention decoder layer: q/k/v/o (+ Qwen3.5's output gate in q_proj, + q/k norms), MLP, 2 norms."""
     h, hd = bb.hidden_size, _head_dim(bb)
     nh, nkv = bb.num_attention_heads, bb.num_key_value_heads
     gated = bb.model_type == "qwen3_5_text"

@@ -144,7 +144,8 @@ def test_bitsandbytes_nf4_save_and_reload(saved, tmp_path):
 
 @pytest.mark.parametrize("scheme", ["weight_only", "dynamic_activation"])
 def test_torchao_int8_cpu(saved, scheme):
-    quantization = pytest.importorskip("torchao.quantization", reason="torchao is not installed (pip install '.[quant]')")
+    quantization = pytest.importorskip("torchao.quantization",
+                                       reason="torchao is not installed (pip install '.[quant]')")
     from transformers import TorchAoConfig
 
     folder, _, ref = saved

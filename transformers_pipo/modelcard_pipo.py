@@ -113,6 +113,10 @@ def build_model_card(model, info: dict | None = None, repo_id: str | None = None
     except Exception:  # a model without materialised parameters still gets a card
         params = "n/a"
 
+    if _is_hub_id(base_model):
+        base_link = f"[{base_model}](https://huggingface.co/{base_model})"
+    else:
+        base_link = base_model or "unknown"
     title = repo.split("/")[-1] if repo != "path/to/this-model" else "PIPO model"
     lines = [CARD_MARKER, "", f"# {title}", ""]
     if info.get("description"):
@@ -127,7 +131,7 @@ def build_model_card(model, info: dict | None = None, repo_id: str | None = None
         "",
         "| | |",
         "|---|---|",
-        f"| Base model | {f'[{base_model}](https://huggingface.co/{base_model})' if _is_hub_id(base_model) else (base_model or 'unknown')} |",
+        f"| Base model | {base_link} |",
         f"| Backbone | `{backbone.model_type}`, {backbone.num_hidden_layers} layers, hidden {hidden}, "
         f"vocabulary {backbone.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} embeddings |",
         f"| Compressor | `{config.compressor_type}` |",

@@ -165,7 +165,15 @@ def split_reference_config(raw: dict) -> tuple[dict, dict, str]:
 
 
 def _find_compressor_type(tensors: dict[str, torch.Tensor]) -> str | None:
-    kinds = {key.split(".")[1] for key in tensors if key.startswith("compressor.")}
+    """'linear' or 'mlp' from the `compressor.<type>.*` keys (None when there are none)."""
+    keys = [key for key in tensors if key.startswith("compressor.")]
+    kinds = {key.split(".")[1] for key in keys}
+    foreign = [key for key in keys if key.split(".")[1] not in ("linear", "mlp")]
+    if foreign:
+        raise ReferenceLayoutError(
+            "compressor tensors outside the reference's 'compressor.linear.*' / 'compressor.mlp.*' layout.",
+            unexpected=foreign,
+        )
     if len(kinds) > 1:
         raise ReferenceLayoutError(f"the checkpoint holds tensors of several compressors: {sorted(kinds)}.")
     return next(iter(kinds), None)
@@ -275,7 +283,9 @@ def _adapter_compressor_type(adapter_dir: Path, cfg: dict) -> str | None:
 def rename_reference_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, str], list[str], list[str]]:
     """`(mapping source→PIPO, ignored, unexpected)` for reference-layout keys."""
     nested = any(k.startswith("model.language_model.") for k in tensors)
-    bare = [k for k in tensors if k.startswith("model.") and not k.startswith(("model.language_model.", "model.visual."))]
+    bare = [
+        k for k in tensors if k.startswith("model.") and not k.startswith(("model.language_model.", "model.visual."))
+    ]
     if nested and bare:
         raise ReferenceLayoutError(
             "the checkpoint mixes 'model.language_model.*' and bare 'model.*' backbone keys.", unexpected=bare
