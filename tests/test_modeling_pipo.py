@@ -805,3 +805,16 @@ def test_from_backbone_rejects_encoder_models():
                                       intermediate_size=32, is_decoder=True))
     with pytest.raises(ValueError, match=r"'bert' is a bidirectional encoder"):
         PipoForCausalLM.from_backbone(bert, pad_token_id=5)
+
+
+def test_out_of_vocab_input_ids_are_named():
+    model = tiny_pipo("llama")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[3, VOCAB + 5]]))
+
+
+def test_num_mtp_layers_rejects_bool():
+    from transformers_pipo import PipoConfig
+
+    with pytest.raises(ValueError, match="num_mtp_layers"):
+        PipoConfig(num_mtp_layers=True)

@@ -128,7 +128,7 @@ class PipoConfig(PreTrainedConfig):
             raise ValueError(
                 f"PipoConfig.compressor_type must be one of {COMPRESSOR_TYPES}, got {self.compressor_type!r}."
             )
-        if not isinstance(self.num_mtp_layers, int) or self.num_mtp_layers != 1:
+        if isinstance(self.num_mtp_layers, bool) or not isinstance(self.num_mtp_layers, int) or self.num_mtp_layers != 1:
             raise ValueError(
                 f"PipoConfig.num_mtp_layers must be 1 (pair size 2 uses exactly one MTP layer), got "
                 f"{self.num_mtp_layers!r}."

@@ -581,6 +581,11 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("PipoForCausalLM.forward does not take inputs_embeds; pass input_ids.")
         pad = self.pad_token_id
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids contain ids outside the vocabulary [0, {self.config.vocab_size}): "
+                f"min {int(input_ids.min())}, max {int(input_ids.max())}."
+            )
         input_ids, labels, attention_mask = pair_layout(input_ids, labels, attention_mask, pad)
         batch, length = input_ids.shape
         n_lat = length // 2
