@@ -253,13 +253,30 @@ def build(out: Path) -> list[Path]:
     return written
 
 
+def _normalised(name: str, data: dict) -> dict:
+    """A preset file's content as the library sees it: loaded and re-serialised (fields added to PipoConfig later
+    with defaults do not make a committed preset stale)."""
+    if name == "config.json":
+        from transformers_pipo import PipoConfig
+
+        loaded = PipoConfig.from_dict(data).to_dict()
+        loaded["auto_map"], loaded["architectures"] = data.get("auto_map"), data.get("architectures")
+        return _strip(loaded)
+    from transformers import GenerationConfig
+
+    return _strip(GenerationConfig.from_dict(data).to_diff_dict())
+
+
 def check(out: Path) -> list[str]:
-    """Names of the preset files that are missing or differ from what `build` would write."""
+    """Names of the preset files that are missing or load differently from what `build` would write."""
     stale = []
     for preset in PRESETS:
         for name, text in render(preset).items():
             path = out / preset.name / name
-            if not path.is_file() or path.read_text() != text:
+            if not path.is_file():
+                stale.append(str(path))
+                continue
+            if _normalised(name, json.loads(path.read_text())) != _normalised(name, json.loads(text)):
                 stale.append(str(path))
     return stale
 
