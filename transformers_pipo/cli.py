@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `pipo --help` shows them.
-COMMAND_MODULES = ["info", "convert_reference", "train"]
+COMMAND_MODULES = ["info", "convert_reference", "demo", "generate", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

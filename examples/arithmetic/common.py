@@ -37,31 +37,34 @@ class PipelineConfig:
     teacher: ModelSize = field(default_factory=lambda: ModelSize(192, 6, 6, 2, 576))
     student: ModelSize = field(default_factory=lambda: ModelSize(128, 8, 4, 2, 384))
     teacher_steps: int = 900
+    teacher_more_steps: int = 900  # a second, continued run on fresh problems (the teacher was still improving)
+    teacher_more_lr: float = 1e-3
     student_steps: int = 350
     base_batch_size: int = 32
     base_lr: float = 2e-3
     # teacher trajectories
-    n_sample_prompts: int = 6000
+    n_sample_prompts: int = 3000
     samples_per_prompt: int = 1
     sample_batch_size: int = 128
-    max_new_tokens: int = 256
+    max_new_tokens: int = 200  # the longest reference chain of thought is ~230 tokens; >99% are shorter
     min_sft_records: int = 0  # top up with reference CoT when the teacher keeps fewer (smoke runs only)
     # PIPO SFT / OPD
-    sft_steps: int = 800
+    sft_steps: int = 1000
     sft_batch_size: int = 16
     sft_lr: float = 1e-3
-    mtp_only_steps: int = 300
+    mtp_only_steps: int = 200
     n_opd_prompts: int = 1200
-    opd_steps: int = 150
+    opd_steps: int = 80
     opd_batch_size: int = 16
     opd_lr: float = 3e-4
     opd_threshold: float = 0.5
     # evaluation
-    n_eval: int = 400
+    n_eval: int = 300
+    n_sweep: int = 150
     eval_samples: int = 4
-    eval_batch_size: int = 100
-    thresholds: tuple[float, ...] = (-1.0, 0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-    n_timing: int = 24
+    eval_batch_size: int = 150
+    thresholds: tuple[float, ...] = (-1.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0)
+    n_timing: int = 12
     shipped_threshold: float | None = None  # None: chosen from the sweep on the validation split
     # where the report and the embedded models go (relative to the repository root)
     docs_dir: str = "docs"
@@ -83,7 +86,7 @@ def quick_config(out: str) -> PipelineConfig:
     return PipelineConfig(
         out=out, n_train=3000, n_val=40, n_test=40,
         teacher=ModelSize(64, 2, 4, 2, 128), student=ModelSize(32, 2, 4, 2, 64),
-        teacher_steps=30, student_steps=20, n_sample_prompts=64, sample_batch_size=32, min_sft_records=64, max_new_tokens=96,
+        teacher_steps=30, teacher_more_steps=10, student_steps=20, n_sample_prompts=64, sample_batch_size=32, min_sft_records=64, max_new_tokens=96,
         sft_steps=10, sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3, opd_batch_size=4,
         n_eval=16, eval_batch_size=16, thresholds=(-1.0, 0.5, 1.0), n_timing=2,
         docs_dir=f"{out}/docs", assets_dir=f"{out}/assets",

@@ -19,13 +19,13 @@ import time
 from .common import PipelineConfig, is_done, mark_done, quick_config, read_marker, set_threads
 
 STAGE_ORDER = [
-    "data", "tokenizer", "train_teacher", "train_student", "sample_teacher",
+    "data", "tokenizer", "train_teacher", "train_teacher_more", "train_student", "sample_teacher",
     "convert", "sft_mtp_only", "sft", "opd", "eval", "report", "export",
 ]
 
 
 def _stage_function(name: str):
-    if name in ("data", "tokenizer", "train_teacher", "train_student", "sample_teacher"):
+    if name in ("data", "tokenizer", "train_teacher", "train_teacher_more", "train_student", "sample_teacher"):
         from . import stages_base as module
     elif name in ("convert", "sft_mtp_only", "sft", "opd"):
         from . import stages_pipo as module

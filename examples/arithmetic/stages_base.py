@@ -105,23 +105,27 @@ class _FlattenCollator:
         return self.inner([row for batch in items for row in batch])
 
 
-def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int) -> dict:
+def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, resume: bool = False,
+                lr: float | None = None, offset: int = 0) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
 
     tok = load_tokenizer(cfg)
-    torch.manual_seed(cfg.seed + (1 if name == "teacher" else 2))
-    model = AutoModelForCausalLM.from_config(backbone_config(size, tok))
+    torch.manual_seed(cfg.seed + (1 if name == "teacher" else 2) + 10 * int(resume))
+    if resume:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path("models", name))
+    else:
+        model = AutoModelForCausalLM.from_config(backbone_config(size, tok))
     n_examples = steps * cfg.base_batch_size
     train = load_split(cfg, "train")
     # The teacher and the student see different slices of the train split (the student sees fewer problems).
-    start = 0 if name == "teacher" else len(train) // 2
+    start = (0 if name == "teacher" else len(train) // 2) + offset
     rows = [encode_example(tok, p.prompt, task.chain_of_thought(p.expression))
-            for p in train[start: start + min(n_examples, len(train) // 2)]]
+            for p in train[start: start + min(n_examples, len(train) // 2 - offset)]]
     args = TrainingArguments(
         output_dir=str(cfg.path("runs", name)),
         per_device_train_batch_size=1,  # one item = one pre-built, length-bucketed batch
         max_steps=steps,
-        learning_rate=cfg.base_lr,
+        learning_rate=lr or cfg.base_lr,
         warmup_steps=max(1, steps // 20),
         lr_scheduler_type="cosine",
         weight_decay=0.01,
@@ -156,6 +160,12 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int) -> 
 
 def stage_train_teacher(cfg: PipelineConfig) -> dict:
     return _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_steps)
+
+
+def stage_train_teacher_more(cfg: PipelineConfig) -> dict:
+    """Continue the teacher on problems it has not seen (its loss was still falling at the end of the first run)."""
+    return _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_more_steps, resume=True, lr=cfg.teacher_more_lr,
+                       offset=cfg.teacher_steps * cfg.base_batch_size)
 
 
 def stage_train_student(cfg: PipelineConfig) -> dict:

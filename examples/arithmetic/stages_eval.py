@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import task
-from .common import PipelineConfig, decode_new, left_pad, read_marker
+from .common import PipelineConfig, decode_new, is_done, left_pad, read_marker, write_jsonl
 from .stages_base import _order_by_difficulty, load_model, load_split, load_tokenizer
 
 ROWS = [
@@ -187,62 +187,82 @@ def choose_threshold(sweep: list[dict], min_commit: float = 0.7) -> float:
     return max(top, key=lambda s: s["commit_rate"])["tau"]
 
 
+def _cached(cfg: PipelineConfig, name: str, compute):
+    """Sub-results of the eval stage are cached under eval/ so that an interrupted evaluation resumes."""
+    path = cfg.path("eval", f"{name}.json")
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+    return value
+
+
 def stage_eval(cfg: PipelineConfig) -> dict:
     tok = load_tokenizer(cfg)
     test = load_split(cfg, "test")[: cfg.n_eval]
-    val = load_split(cfg, "validation")
+    val = load_split(cfg, "validation")[: cfg.n_sweep]
     timing_problems = load_split(cfg, "validation")[: cfg.n_timing]
     models = {name: load_model(cfg.path("models", name))
               for name in ("student_base", "pipo_mtp_only", "pipo_sft", "pipo_opd", "teacher")}
     gen = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
 
     # 1. τ sweep of the final model on the validation split (greedy accuracy, commit rate, batch-1 tokens/s).
-    sweep = []
-    final = models["pipo_opd"]
-    sweep_timing = time_side_by_side(
-        {("regular", None): (models["student_base"], None),
-         **{("pipo", tau): (final, tau) for tau in cfg.thresholds}},
-        tok, timing_problems, cfg.max_new_tokens, reps=1)
-    base_val = generate_stats(models["student_base"], tok, val, n_samples=1, do_sample=False, desc="val regular", **gen)
-    for tau in tqdm(cfg.thresholds, desc="τ sweep"):
-        r = generate_stats(final, tok, val, n_samples=1, do_sample=False, tau=tau, desc=f"val τ={tau}", **gen)
-        sweep.append({
-            "tau": tau,
-            "greedy_accuracy": _accuracy(r["correct"])[0],
-            "commit_rate": r["committed"] / max(1, r["steps"]),
-            "tokens_per_step": r["tokens"] / max(1, r["steps"]),
-            "tokens_per_s": sweep_timing[("pipo", tau)]["tokens_per_s"],
-            "tpot_ms": sweep_timing[("pipo", tau)]["tpot_ms"],
-        })
-    shipped = cfg.shipped_threshold if cfg.shipped_threshold is not None else choose_threshold(sweep)
-    sweep_regular = {"greedy_accuracy": _accuracy(base_val["correct"])[0],
-                     "tokens_per_s": sweep_timing[("regular", None)]["tokens_per_s"],
-                     "tpot_ms": sweep_timing[("regular", None)]["tpot_ms"]}
+    def sweep_fn():
+        final = models["pipo_opd"]
+        timing = time_side_by_side(
+            {"regular": (models["student_base"], None), **{f"tau={tau}": (final, tau) for tau in cfg.thresholds}},
+            tok, timing_problems, cfg.max_new_tokens, reps=1)
+        base_val = generate_stats(models["student_base"], tok, val, n_samples=1, do_sample=False,
+                                  desc="val regular", **gen)
+        points = []
+        for tau in tqdm(cfg.thresholds, desc="τ sweep"):
+            r = generate_stats(final, tok, val, n_samples=1, do_sample=False, tau=tau, desc=f"val τ={tau}", **gen)
+            points.append({
+                "tau": tau,
+                "greedy_accuracy": _accuracy(r["correct"])[0],
+                "commit_rate": r["committed"] / max(1, r["steps"]),
+                "tokens_per_step": r["tokens"] / max(1, r["steps"]),
+                "tokens_per_s": timing[f"tau={tau}"]["tokens_per_s"],
+                "tpot_ms": timing[f"tau={tau}"]["tpot_ms"],
+            })
+        regular = {"greedy_accuracy": _accuracy(base_val["correct"])[0],
+                   "tokens_per_s": timing["regular"]["tokens_per_s"], "tpot_ms": timing["regular"]["tpot_ms"]}
+        return {"sweep": points, "regular": regular}
+
+    sweep = _cached(cfg, "sweep", sweep_fn)
+    shipped = cfg.shipped_threshold if cfg.shipped_threshold is not None else choose_threshold(sweep["sweep"])
 
     # 2. Table-1 rows on the test split.
     rows = {}
     for key, label, model_name, mode, tau in ROWS:
         tau_value = shipped if tau == "shipped" else tau
-        model = models[model_name]
-        sampled = generate_stats(model, tok, test, n_samples=cfg.eval_samples, do_sample=True, tau=tau_value,
-                                 seed=cfg.seed, desc=f"{key} sampled", **gen)
-        greedy = generate_stats(model, tok, test, n_samples=1, do_sample=False, tau=tau_value, desc=f"{key} greedy",
-                                **gen)
-        avg, pas = _accuracy(sampled["correct"])
-        steps = sampled["steps"] + greedy["steps"]
-        rows[key] = {
-            "label": label, "model": model_name, "decoding": mode, "tau": tau_value,
-            "avg@4": avg, "pass@4": pas, "greedy_accuracy": _accuracy(greedy["correct"])[0],
-            "tokens_per_step": (sampled["tokens"] + greedy["tokens"]) / max(1, steps),
-            "commit_rate": (sampled["committed"] + greedy["committed"]) / max(1, steps) if mode == "pipo" else None,
-            "mean_response_tokens": greedy["tokens"] / len(test),
-            "example": {"prompt": test[0].prompt, "response": greedy["texts"][0][0]},
-        }
+
+        def row_fn(model=models[model_name], key=key, label=label, model_name=model_name, mode=mode,
+                   tau_value=tau_value):
+            sampled = generate_stats(model, tok, test, n_samples=cfg.eval_samples, do_sample=True, tau=tau_value,
+                                     seed=cfg.seed, desc=f"{key} sampled", **gen)
+            greedy = generate_stats(model, tok, test, n_samples=1, do_sample=False, tau=tau_value,
+                                    desc=f"{key} greedy", **gen)
+            avg, pas = _accuracy(sampled["correct"])
+            steps = sampled["steps"] + greedy["steps"]
+            return {
+                "label": label, "model": model_name, "decoding": mode, "tau": tau_value,
+                "avg@4": avg, "pass@4": pas, "greedy_accuracy": _accuracy(greedy["correct"])[0],
+                "tokens_per_step": (sampled["tokens"] + greedy["tokens"]) / max(1, steps),
+                "commit_rate": ((sampled["committed"] + greedy["committed"]) / max(1, steps)
+                                if mode == "pipo" else None),
+                "mean_response_tokens": greedy["tokens"] / len(test),
+                "examples": [{"prompt": test[i].prompt, "response": greedy["texts"][i][0],
+                              "correct": greedy["correct"][i][0]} for i in range(3)],
+            }
+
+        rows[key] = _cached(cfg, f"row_{key}_tau{tau_value}", row_fn)
 
     # 3. Side-by-side batch-1 latency on the test split (one process, interleaved).
-    timing = time_side_by_side(
+    timing = _cached(cfg, f"timing_tau{shipped}", lambda: time_side_by_side(
         {key: (models[m], shipped if tau == "shipped" else tau) for key, _, m, _, tau in ROWS},
-        tok, test[: cfg.n_timing], cfg.max_new_tokens, reps=2)
+        tok, test[: cfg.n_timing], cfg.max_new_tokens, reps=2))
     base = timing["student_regular"]
     for key in rows:
         t = timing[key]
@@ -251,15 +271,15 @@ def stage_eval(cfg: PipelineConfig) -> dict:
         rows[key]["ttft_ratio"] = base["ttft_ms"] / t["ttft_ms"]
 
     # 4. Confidence reliability of the final model (and of PIPO-SFT for comparison).
-    rel = {name: reliability(models[name], tok, test) for name in ("pipo_sft", "pipo_opd")}
+    rel = _cached(cfg, "reliability", lambda: {name: reliability(models[name], tok, test)
+                                               for name in ("pipo_sft", "pipo_opd")})
 
     results = {
-        "config": cfg.to_json(), "shipped_threshold": shipped, "rows": rows, "sweep": sweep,
-        "sweep_regular": sweep_regular, "reliability": rel, "n_test": len(test), "n_val": len(val),
+        "config": cfg.to_json(), "shipped_threshold": shipped, "rows": rows, "sweep": sweep["sweep"],
+        "sweep_regular": sweep["regular"], "reliability": rel, "n_test": len(test), "n_val": len(val),
         "torch_threads": torch.get_num_threads(),
     }
     path = cfg.path("eval", "results.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     return {"shipped_threshold": shipped,
             "rows": {k: {m: v[m] for m in ("avg@4", "pass@4", "greedy_accuracy", "commit_rate", "tpot_ratio")}
@@ -342,6 +362,7 @@ def stage_report(cfg: PipelineConfig) -> dict:
     docs.mkdir(parents=True, exist_ok=True)
     pareto, diagram = _plots(results, docs)
     info = {s: read_marker(cfg, s) for s in ("train_teacher", "train_student", "sample_teacher", "sft", "opd")}
+    more = read_marker(cfg, "train_teacher_more") if is_done(cfg, "train_teacher_more") else {"steps": 0, "seconds": 0}
     rows = results["rows"]
     lines = [
         "# Miniature PIPO reproduction: integer arithmetic",
@@ -411,8 +432,9 @@ def stage_report(cfg: PipelineConfig) -> dict:
         "## How the models were made",
         "",
         f"- Teacher: Qwen3-style, hidden {c['teacher']['hidden_size']}, {c['teacher']['num_hidden_layers']} layers,"
-        f" {t['params'] / 1e6:.2f}M parameters, {t['steps']} steps × {c['base_batch_size']} sequences on the "
-        f"reference chain of thought ({t['seconds'] / 60:.1f} min).",
+        f" {t['params'] / 1e6:.2f}M parameters, {t['steps']} + {more['steps']} (continued run, fresh problems) steps "
+        f"× {c['base_batch_size']} sequences on the reference chain of thought "
+        f"({(t['seconds'] + more['seconds']) / 60:.1f} min).",
         f"- Student base: Qwen3-style, hidden {c['student']['hidden_size']}, {c['student']['num_hidden_layers']} "
         f"layers, {s['params'] / 1e6:.2f}M parameters, {s['steps']} steps × {c['base_batch_size']} on different "
         f"train problems ({s['seconds'] / 60:.1f} min).",
@@ -461,13 +483,16 @@ def stage_export(cfg: PipelineConfig) -> dict:
         model.save_pretrained(target)
         tok.save_pretrained(target)
         sizes[name] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-    total = sum(sizes.values())
+    write_jsonl(dest / "test_problems.jsonl",
+                ({"expression": p.expression, "answer": p.answer} for p in load_split(cfg, "test")))
+    total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     if total > 25 * 2**20:
         raise RuntimeError(f"embedded models take {total / 2**20:.1f} MB > 25 MB")
     (dest / "README.md").write_text(
         "Embedded demo models of the arithmetic reproduction (examples/arithmetic), written by its `export` stage.\n\n"
         f"- `pipo_student/`: the PIPO-SFT+OPD student, generation_config τ = {tau}.\n"
-        "- `student_base/`: the ordinary causal LM it was converted from (regular-decoding baseline).\n\n"
+        "- `student_base/`: the ordinary causal LM it was converted from (regular-decoding baseline).\n"
+        "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws from it.\n\n"
         "Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; see docs/RESULTS.md.\n"
     )
     return {"bytes": sizes, "total_mb": total / 2**20, "threshold": tau}
