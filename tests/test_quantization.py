@@ -47,7 +47,7 @@ def saved(request, tmp_path_factory):
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+    return float(nn.functional.cosine_similarity(a.flatten().float().cpu(), b.flatten().float().cpu(), dim=0))
 
 
 def linear_layers(model) -> dict[str, nn.Module]:
