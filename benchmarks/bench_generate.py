@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long", type=int, default=2048, help="long prompt length (tokens)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--baseline-repeats", type=int, default=1,
+                   help="timed runs for assisted / prompt-lookup decoding (slow with random weights)")
+    p.add_argument("--assistant-tokens", type=int, default=5, help="num_assistant_tokens for assisted decoding")
     p.add_argument("--part-repeats", type=int, default=30, help="timed runs per decode-step part")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -51,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.short, args.long, args.new_tokens, args.repeats, args.part_repeats = 32, 512, 32, 1, 10
+        args.baseline_repeats = 1
     return args
 
 
@@ -94,7 +98,7 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def methods(backbone, pipo, draft, with_baselines: bool):
+def methods(backbone, pipo, draft, with_baselines: bool, assistant_tokens: int):
     def regular(ids, n, **kw):
         return backbone.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
 
@@ -107,7 +111,8 @@ def methods(backbone, pipo, draft, with_baselines: bool):
     table = {"regular": regular, "pipo tau<0": pipo_commit, "pipo tau>=1": pipo_nodraft}
     if with_baselines:
         table["assisted (small draft)"] = lambda ids, n, **kw: backbone.generate(
-            ids, max_new_tokens=n, min_new_tokens=n, assistant_model=draft, **kw)
+            ids, max_new_tokens=n, min_new_tokens=n, assistant_model=draft, num_assistant_tokens=assistant_tokens,
+            num_assistant_tokens_schedule="constant", **kw)
         table["prompt lookup"] = lambda ids, n, **kw: backbone.generate(
             ids, max_new_tokens=n, min_new_tokens=n, prompt_lookup_num_tokens=10, **kw)
     return table
@@ -119,15 +124,20 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure_end_to_end(table, prompt, new_tokens, repeats, bar) -> dict:
-    """Median TTFT (generate 1 token) and TPOT ((T(N) - T(1)) / (N - 1)) per method, interleaved."""
+BASELINES = ("assisted (small draft)", "prompt lookup")
+
+
+def measure_end_to_end(table, prompt, new_tokens, repeats, baseline_repeats, bar) -> dict:
+    """Median TTFT (generate 1 token) and TPOT ((T(N) - T(1)) / (N - 1)) per method, interleaved round-robin."""
     ttft = {k: [] for k in table}
     total = {k: [] for k in table}
     with torch.inference_mode():
         for fn in table.values():  # warm-up
             fn(prompt, 2)
-        for _ in range(repeats):
+        for r in range(repeats):
             for name, fn in table.items():
+                if name in BASELINES and r >= baseline_repeats:
+                    continue
                 ttft[name].append(timed(lambda: fn(prompt, 1)))
                 total[name].append(timed(lambda: fn(prompt, new_tokens)))
                 bar.update(1)
@@ -218,7 +228,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone, pipo, draft = build_models(args)
-    table = methods(backbone, pipo, draft, not args.no_baselines)
+    table = methods(backbone, pipo, draft, not args.no_baselines, args.assistant_tokens)
     results = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "backbone_params": n_params(backbone),
@@ -227,11 +237,12 @@ def main(argv=None) -> int:
         "workloads": {},
     }
     gen = torch.Generator().manual_seed(0)
-    steps = 2 * len(table) * args.repeats
+    n_base = sum(name in BASELINES for name in table)
+    steps = 2 * ((len(table) - n_base) * args.repeats + n_base * min(args.baseline_repeats, args.repeats))
     with tqdm(total=steps, desc="bench_generate") as bar:
         for label, length in (("short", args.short), ("long", args.long)):
             prompt = torch.randint(0, args.vocab - 1, (1, length), generator=gen)
-            timings = measure_end_to_end(table, prompt, args.new_tokens, args.repeats, bar)
+            timings = measure_end_to_end(table, prompt, args.new_tokens, args.repeats, args.baseline_repeats, bar)
             parts = measure_parts(backbone, pipo, length, args.part_repeats)
             results["workloads"][label] = {
                 "prompt_tokens": length,

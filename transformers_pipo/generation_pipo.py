@@ -210,14 +210,10 @@ class _PipoDecodeState:
             self.slots[self.rows_idx[active], self.slot_len[active]] = tokens[active]
             self.slot_len += active.long()
 
-    def stream(self, tokens1, emitted1, tokens2, emitted2) -> None:
-        if self.streamer is None:
-            return
-        out = [int(tokens1[0])] if bool(emitted1[0]) else []
-        if bool(emitted2[0]):
-            out.append(int(tokens2[0]))
-        if out:
-            self.streamer.put(torch.tensor(out, dtype=torch.long))
+    def stream(self, tokens, emitted) -> None:
+        """Hand a just-emitted token to the streamer (batch size 1) as soon as it exists."""
+        if self.streamer is not None and bool(emitted[0]):
+            self.streamer.put(tokens[:1].cpu())
 
     def sequences(self, input_ids) -> torch.LongTensor:
         width = int(self.gen_len.max()) if self.batch else 0
@@ -378,9 +374,9 @@ def _pair_step(model, state, hidden, last_pos, mtp_cache, tau, run_mtp, mtp_toke
     token1, scores1 = state.choose(raw1)
     state.emit(token1, active1, scores1, raw1)
     state.record_slot(token1, active1)
+    state.stream(token1, active1)  # token1 streams before the MTP phase runs
 
     token2 = torch.full_like(token1, pad)
-    emitted2 = torch.zeros_like(active1)
     active2 = active1 & ~state.finished
     if run_mtp and bool(active2.any()):  # nobody left to draft for (e.g. max_new_tokens=1): skip phase 2
         tokens_in = token1.unsqueeze(1) if mtp_tokens is None else torch.cat([mtp_tokens, token1.unsqueeze(1)], 1)
@@ -397,8 +393,8 @@ def _pair_step(model, state, hidden, last_pos, mtp_cache, tau, run_mtp, mtp_toke
         state.committed += emitted2.long()
         token2 = torch.where(commit, draft, token2)
         state.emit(draft, emitted2, scores2, raw2)
+        state.stream(draft, emitted2)
     state.record_slot(token2, active2)
-    state.stream(token1, active1, token2, emitted2)
     return token1, token2
 
 
