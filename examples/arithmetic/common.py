@@ -38,23 +38,25 @@ class PipelineConfig:
     student: ModelSize = field(default_factory=lambda: ModelSize(128, 8, 4, 2, 384))
     teacher_steps: int = 900
     teacher_more_steps: int = 900  # a second, continued run on fresh problems (the teacher was still improving)
-    teacher_more_lr: float = 1e-3
-    student_steps: int = 350
+    teacher_more_lr: float = 1e-3  # × 0.7 per further round
+    teacher_more_rounds: int = 2
+    teacher_round2_offset: int = 71_200  # round 2 reads train problems from here on
+    student_steps: int = 1000
     base_batch_size: int = 32
     base_lr: float = 2e-3
     # teacher trajectories
-    n_sample_prompts: int = 3000
-    samples_per_prompt: int = 1
+    n_sample_prompts: int = 8000
+    samples_per_prompt: int = 2
     sample_batch_size: int = 128
     max_new_tokens: int = 200  # the longest reference chain of thought is ~230 tokens; >99% are shorter
     min_sft_records: int = 0  # top up with reference CoT when the teacher keeps fewer (smoke runs only)
     # PIPO SFT / OPD
-    sft_steps: int = 1000
+    sft_steps: int = 2500
     sft_batch_size: int = 16
     sft_lr: float = 1e-3
     mtp_only_steps: int = 200
     n_opd_prompts: int = 1200
-    opd_steps: int = 80
+    opd_steps: int = 250
     opd_batch_size: int = 16
     opd_lr: float = 3e-4
     opd_threshold: float = 0.5

@@ -106,7 +106,7 @@ class _FlattenCollator:
 
 
 def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, resume: bool = False,
-                lr: float | None = None, offset: int = 0) -> dict:
+                lr: float | None = None, offset: int = 0, absolute: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
 
     tok = load_tokenizer(cfg)
@@ -118,9 +118,10 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, 
     n_examples = steps * cfg.base_batch_size
     train = load_split(cfg, "train")
     # The teacher and the student see different slices of the train split (the student sees fewer problems).
-    start = (0 if name == "teacher" else len(train) // 2) + offset
+    start = offset if absolute else (0 if name == "teacher" else len(train) // 2) + offset
+    limit = len(train) if absolute else (len(train) // 2) * (1 if name == "teacher" else 2)
     rows = [encode_example(tok, p.prompt, task.chain_of_thought(p.expression))
-            for p in train[start: start + min(n_examples, len(train) // 2 - offset)]]
+            for p in train[start: min(start + n_examples, limit)]]
     args = TrainingArguments(
         output_dir=str(cfg.path("runs", name)),
         per_device_train_batch_size=1,  # one item = one pre-built, length-bucketed batch
@@ -163,9 +164,30 @@ def stage_train_teacher(cfg: PipelineConfig) -> dict:
 
 
 def stage_train_teacher_more(cfg: PipelineConfig) -> dict:
-    """Continue the teacher on problems it has not seen (its loss was still falling at the end of the first run)."""
-    return _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_more_steps, resume=True, lr=cfg.teacher_more_lr,
-                       offset=cfg.teacher_steps * cfg.base_batch_size)
+    """Continue the teacher in `teacher_more_rounds` further Trainer runs on problems it has not seen (its loss was
+    still falling). Round 1 uses the rest of the teacher's half of the train split, later rounds the unused part of
+    the second half (`teacher_round2_offset`). Finished rounds are recorded in models/teacher/rounds.json and skipped on a re-run."""
+    import json
+
+    record = cfg.path("models", "teacher", "rounds.json")
+    rounds = json.loads(record.read_text()) if record.exists() else []
+    n_train = cfg.n_train
+    per_round = cfg.teacher_more_steps * cfg.base_batch_size
+    for r in range(len(rounds) + 1, cfg.teacher_more_rounds + 1):
+        if r == 1:
+            offset = cfg.teacher_steps * cfg.base_batch_size
+        else:  # after the student's slice of the second half
+            offset = cfg.teacher_round2_offset + (r - 2) * per_round
+        end = offset + per_round
+        reserved = n_train - cfg.n_sample_prompts - cfg.n_opd_prompts
+        if end > reserved:
+            raise RuntimeError(f"teacher round {r} would reach the sampling/OPD prompts ({end} > {reserved})")
+        info = _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_more_steps, resume=True,
+                           lr=cfg.teacher_more_lr * (0.7 ** (r - 1)), offset=offset, absolute=r > 1)
+        info.pop("log", None)
+        rounds.append({"round": r, "offset": offset, **info})
+        record.write_text(json.dumps(rounds, indent=2))
+    return {"rounds": rounds, "steps": sum(x["steps"] for x in rounds), "seconds": sum(x["seconds"] for x in rounds)}
 
 
 def stage_train_student(cfg: PipelineConfig) -> dict:
