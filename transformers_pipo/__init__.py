@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_pipo import PipoConfig
+from .generation_pipo import PipoGenerateOutput
 from .modeling_pipo import PipoCausalLMOutput, PipoForCausalLM, PipoPreTrainedModel
 
 __version__ = "0.1.0"
@@ -24,4 +25,11 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PipoConfig", "PipoForCausalLM", "PipoPreTrainedModel", "PipoCausalLMOutput", "__version__"]
+__all__ = [
+    "PipoConfig",
+    "PipoForCausalLM",
+    "PipoPreTrainedModel",
+    "PipoCausalLMOutput",
+    "PipoGenerateOutput",
+    "__version__",
+]
