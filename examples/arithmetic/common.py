@@ -71,6 +71,7 @@ class PipelineConfig:
     # where the report and the embedded models go (relative to the repository root)
     docs_dir: str = "docs"
     assets_dir: str = "transformers_pipo/assets/arithmetic"
+    notes_file: str = "examples/arithmetic/results_notes.md"  # hand-written "what was tried", appended to the report
 
     @property
     def root(self) -> Path:
@@ -91,7 +92,7 @@ def quick_config(out: str) -> PipelineConfig:
         teacher_steps=30, teacher_more_steps=10, student_steps=20, n_sample_prompts=64, sample_batch_size=32, min_sft_records=64, max_new_tokens=96,
         sft_steps=10, sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3, opd_batch_size=4,
         n_eval=16, eval_batch_size=16, thresholds=(-1.0, 0.5, 1.0), n_timing=2,
-        docs_dir=f"{out}/docs", assets_dir=f"{out}/assets",
+        docs_dir=f"{out}/docs", assets_dir=f"{out}/assets", notes_file=f"{out}/notes.md",
     )
 
 

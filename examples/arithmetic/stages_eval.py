@@ -452,7 +452,7 @@ def stage_report(cfg: PipelineConfig) -> dict:
         f"1 − TV ({info['opd']['seconds'] / 60:.1f} min).",
         "",
     ]
-    notes = cfg.path("eval", "notes.md")
+    notes = Path(cfg.notes_file)
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]
     (docs / "RESULTS.md").write_text("\n".join(lines))
