@@ -1,0 +1,29 @@
+"""Smoke run of the whole arithmetic pipeline at toy sizes (`--quick`): every stage runs, writes its marker, and a
+second invocation skips them all. Marked slow (about half a minute on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.arithmetic import run_pipeline  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_pipeline.main(["--quick", "--out", str(out)]) == 0
+    for stage in run_pipeline.STAGE_ORDER:
+        assert (out / "markers" / f"{stage}.done.json").exists(), stage
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["rows"]) == {"student_regular", "mtp_unverified", "pipo_sft", "pipo_sft_opd", "teacher"}
+    assert (out / "docs" / "RESULTS.md").exists() and (out / "docs" / "arithmetic_pareto.png").exists()
+    assert (out / "assets" / "pipo_student" / "config.json").exists()
+    capsys.readouterr()
+    assert run_pipeline.main(["--quick", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("skipped") == len(run_pipeline.STAGE_ORDER)
