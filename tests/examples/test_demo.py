@@ -124,3 +124,17 @@ def test_pipo_generate_streams(capsys):
     assert captured.out.startswith(f"Q: {SOLVED_BY_PIPO[0]}\nA:")
     assert demo.parse_answer(captured.out.split("A:", 1)[1]) == task.evaluate(SOLVED_BY_PIPO[0])
     assert "commit rate" in captured.err
+
+
+def test_embedded_remote_code_matches_the_package():
+    """The embedded PIPO folder ships the remote-code files; they must be the package's current ones.
+
+    After changing a remote-code module, copy it into the asset folder (or re-save the model) to refresh them.
+    """
+    import transformers_pipo
+
+    package_dir = Path(transformers_pipo.__file__).parent
+    shipped = sorted(demo.PIPO_MODEL_DIR.glob("*.py"))
+    assert {p.name for p in shipped} >= {"configuration_pipo.py", "modeling_pipo.py", "generation_pipo.py"}
+    stale = [p.name for p in shipped if p.read_text() != (package_dir / p.name).read_text()]
+    assert not stale, f"embedded remote code is stale: {stale}"
