@@ -101,6 +101,23 @@ def quick_config(out: str) -> PipelineConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def schedule_args(cfg: PipelineConfig, name: str, steps: int) -> dict:
+    """`TrainingArguments` fields every training stage shares: a cosine schedule with 5% warm-up over `steps`, logging
+    20 times, CPU, no checkpoints, no reporting, the pipeline seed, and the run folder `runs/<name>`."""
+    return dict(
+        output_dir=str(cfg.path("runs", name)),
+        max_steps=steps,
+        warmup_steps=max(1, steps // 20),
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+    )
+
+
 def marker(cfg: PipelineConfig, stage: str) -> Path:
     return cfg.path("markers", f"{stage}.done.json")
 

@@ -17,6 +17,7 @@ from .common import (
     encode_example,
     left_pad,
     read_jsonl,
+    schedule_args,
     write_jsonl,
 )
 from .tokenizer import corpus, train_tokenizer
@@ -123,19 +124,10 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, 
     rows = [encode_example(tok, p.prompt, task.chain_of_thought(p.expression))
             for p in train[start: min(start + n_examples, limit)]]
     args = TrainingArguments(
-        output_dir=str(cfg.path("runs", name)),
+        **schedule_args(cfg, name, steps),
         per_device_train_batch_size=1,  # one item = one pre-built, length-bucketed batch
-        max_steps=steps,
         learning_rate=lr or cfg.base_lr,
-        warmup_steps=max(1, steps // 20),
-        lr_scheduler_type="cosine",
         weight_decay=0.01,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=cfg.seed,
     )
     start_time = time.time()
     batches = length_bucketed_batches(rows, cfg.base_batch_size, cfg.seed)

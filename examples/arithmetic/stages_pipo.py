@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from .common import PipelineConfig, read_jsonl
+from .common import PipelineConfig, read_jsonl, schedule_args
 from .stages_base import load_model, load_tokenizer, opd_prompts
 
 
@@ -48,20 +48,11 @@ def _run_sft(cfg: PipelineConfig, name: str, train_mode: str, steps: int, lr: fl
     model = load_model(cfg.path("models", "pipo_converted"))
     records = _sft_records(cfg)
     args = PipoSFTConfig(
-        output_dir=str(cfg.path("runs", name)),
+        **schedule_args(cfg, name, steps),
         train_mode=train_mode,
         per_device_train_batch_size=cfg.sft_batch_size,
-        max_steps=steps,
         learning_rate=lr,
-        warmup_steps=max(1, steps // 20),
-        lr_scheduler_type="cosine",
         weight_decay=0.0,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=cfg.seed,
         max_pad_ratio=0.25,
         pad_augmentation="split",
     )
@@ -100,20 +91,11 @@ def stage_opd(cfg: PipelineConfig) -> dict:
     teacher = load_model(cfg.path("models", "teacher"))
     records = [{"prompt": p.prompt} for p in opd_prompts(cfg)]
     args = PipoOPDConfig(
-        output_dir=str(cfg.path("runs", "pipo_opd")),
+        **schedule_args(cfg, "pipo_opd", cfg.opd_steps),
         train_mode="full",
         per_device_train_batch_size=cfg.opd_batch_size,
-        max_steps=cfg.opd_steps,
         learning_rate=cfg.opd_lr,
-        warmup_steps=max(1, cfg.opd_steps // 20),
-        lr_scheduler_type="cosine",
         weight_decay=0.0,
-        logging_steps=max(1, cfg.opd_steps // 20),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=cfg.seed,
         max_new_tokens=cfg.max_new_tokens,
         pipo_confidence_threshold=cfg.opd_threshold,
         divergence="full",
