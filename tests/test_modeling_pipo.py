@@ -585,7 +585,7 @@ def test_chunked_loss_equals_unchunked_loss_and_grads():
 
 
 MEMORY_SCRIPT = r"""
-import json, resource, sys
+import json, re, sys
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers_pipo import PipoForCausalLM
@@ -602,20 +602,28 @@ labels = ids.clone()
 model(ids[:, :64], labels=labels[:, :64], return_logits=False).loss.backward()
 model.zero_grad(set_to_none=False)
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mb(key):
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
-base = peak_mb()
+def start_window():
+    # Reset the kernel's RSS high-water mark (VmHWM) so earlier peaks (imports, model building) cannot hide
+    # what the measured call allocates; return the resident size it starts from.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return status_mb("VmRSS")
+
+base = start_window()
 out = model(ids, labels=labels, return_logits=False)
 out.loss.backward()
 chunked_loss = out.loss.item()
-chunked = peak_mb() - base
+chunked = status_mb("VmHWM") - base
 del out
 # Control: the same measurement with one chunk holding all [L, V] logits (forward only).
 model.config.loss_chunk_size = 10**9
+base = start_window()
 with torch.no_grad():
     full_loss = model(ids, labels=labels, return_logits=False).loss.item()
-full = peak_mb() - base
+full = status_mb("VmHWM") - base
 print(json.dumps({"chunked_mb": chunked, "full_mb": full, "chunked_loss": chunked_loss, "full_loss": full_loss}))
 """
 
