@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from conftest import BOS_ID, EOS_ID, PAD_ID, make_tokenizer
+from conftest import BOS_ID, PAD_ID, make_tokenizer
 
 A, B, C, D, E, F, G = range(10, 17)
 SUCCESSORS = {A: (B,), B: (C,), C: (D, E), D: (F,), E: (F,), F: (G,), G: (A,)}

@@ -93,7 +93,7 @@ class ConversionReport:
         lines = [
             f"wrote {self.destination}",
             f"  source tensors: {self.source_keys} (mapped {len(self.mapped)}, ignored {len(self.ignored)}"
-            f"{f', dropped tied lm_head' if self.dropped_tied else ''})",
+            f"{', dropped tied lm_head' if self.dropped_tied else ''})",
             f"  config: {self.config_style}; compressor: {self.compressor_type}; tied embeddings: "
             f"{self.tie_word_embeddings}; PAD {self.pad_token_id}; EOS {self.eos_token_ids}",
         ]
