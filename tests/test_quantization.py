@@ -81,6 +81,16 @@ def check_outputs_close(out, ref, min_cosine: float) -> None:
     assert float(shift) < 0.05, f"confidence moved by {float(shift):.4f} vs fp32"
 
 
+def bnb_config(bnb, mode: str, compute_dtype: torch.dtype):
+    """The bitsandbytes quantization config for `mode` ("int8" or "nf4") and the Linear class it produces."""
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True), bnb.nn.Linear8bitLt
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return config, bnb.nn.Linear4bit
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # bitsandbytes, CPU backend
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,14 +99,10 @@ def check_outputs_close(out, ref, min_cosine: float) -> None:
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_bitsandbytes_cpu(saved, mode):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install '.[quant]')")
-    from transformers import BitsAndBytesConfig
 
     folder, _, ref = saved
-    if mode == "int8":
-        qconfig, qclass, min_cos = BitsAndBytesConfig(load_in_8bit=True), bnb.nn.Linear8bitLt, 0.999
-    else:
-        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        qclass, min_cos = bnb.nn.Linear4bit, 0.97
+    qconfig, qclass = bnb_config(bnb, mode, compute_dtype=torch.float32)
+    min_cos = 0.999 if mode == "int8" else 0.97
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig).eval()
     assert isinstance(model, PipoForCausalLM)
 
@@ -117,11 +123,10 @@ def test_bitsandbytes_cpu(saved, mode):
 
 
 def test_bitsandbytes_nf4_save_and_reload(saved, tmp_path):
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install '.[quant]')")
-    from transformers import BitsAndBytesConfig
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install '.[quant]')")
 
     folder = saved[0]
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    qconfig, _ = bnb_config(bnb, "nf4", compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig).eval()
     # Saved before any CPU forward: bitsandbytes 0.50 repacks 4-bit weights for its CPU kernel on the first forward
     # and unpacks them on save, a round trip that is not bit-exact.
@@ -175,14 +180,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_bitsandbytes_cuda(saved, mode):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install '.[quant]')")
-    from transformers import BitsAndBytesConfig
 
     folder, _, ref = saved
-    if mode == "int8":
-        qconfig, qclass, min_cos = BitsAndBytesConfig(load_in_8bit=True), bnb.nn.Linear8bitLt, 0.99
-    else:
-        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
-        qclass, min_cos = bnb.nn.Linear4bit, 0.95
+    qconfig, qclass = bnb_config(bnb, mode, compute_dtype=torch.float16)
+    min_cos = 0.99 if mode == "int8" else 0.95
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, device_map={"": 0}).eval()
     assert isinstance(model.get_submodule("mtp.fc"), qclass)
     check_heads_kept(model)
