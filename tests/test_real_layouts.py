@@ -283,3 +283,33 @@ def test_hub_configs_readme_recipes_run_as_written(standins, monkeypatch):
                 out = value.generate(ids, max_new_tokens=4, do_sample=False)
                 assert value.config.pad_token_id not in out[0, ids.shape[1]:].tolist()
     assert {"qwen3", "llama"} <= used
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# pipo train sft --from_backbone: same PAD rules, chosen by flag
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "flags", "pad", "eos", "vocab"),
+    [
+        ("qwen3", ["--pad_token_id", "151643"], 151643, [151645], 151936),
+        ("llama", ["--pad_token", "<|finetune_right_pad_id|>"], 128004, [128001, 128008, 128009], 128256),
+    ],
+)
+def test_train_sft_from_backbone_pad_flags(standins, tmp_path, family, flags, pad, eos, vocab):
+    from transformers import GenerationConfig
+
+    from transformers_pipo.cli import main
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "hello world The", "response": "capital of France is Paris"})
+                              for _ in range(2)) + "\n")
+    out = tmp_path / "out"
+    assert main(["train", "sft", "--model", str(standins[family]), "--from_backbone", "true", *flags,
+                 "--train_file", str(data), "--output_dir", str(out), "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["pad_token_id"] == pad and config["backbone_config"]["vocab_size"] == vocab
+    assert _eos_list(GenerationConfig.from_pretrained(out).eos_token_id) == eos
+    assert AutoTokenizer.from_pretrained(out).pad_token_id == pad

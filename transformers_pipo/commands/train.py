@@ -33,6 +33,16 @@ class PipoTrainScriptArguments:
         default=False, metadata={"help": "Convert a plain causal LM given as --model into a PIPO model first."}
     )
     compressor_type: str = field(default="mlp", metadata={"help": "Compressor for --from_backbone."})
+    pad_token_id: int | None = field(
+        default=None,
+        metadata={"help": "PIPO PAD id for --from_backbone (default: the tokenizer's pad; a PAD that is also an EOS "
+                  "id is removed from the EOS lists, see PipoForCausalLM.from_backbone)."},
+    )
+    pad_token: str = field(
+        default="<|pipo_pad|>",
+        metadata={"help": "PAD token added by --from_backbone when the tokenizer has no usable pad (an existing "
+                  "token, e.g. <|finetune_right_pad_id|>, is reused without growing the vocabulary)."},
+    )
     add_eos: bool = field(default=True, metadata={"help": "Append EOS to string responses of prompt/response records."})
     merge_lora: bool = field(
         default=True, metadata={"help": "With --train_mode lora, also save a merged PIPO folder in <output_dir>/merged."}
@@ -111,7 +121,8 @@ def _load(script: PipoTrainScriptArguments):
         model = AutoModelForCausalLM.from_pretrained(script.model)
     elif script.from_backbone:
         model, tokenizer = PipoForCausalLM.from_backbone(
-            script.model, tokenizer, compressor_type=script.compressor_type, return_tokenizer=True
+            script.model, tokenizer, compressor_type=script.compressor_type, return_tokenizer=True,
+            pad_token_id=script.pad_token_id, pad_token=script.pad_token,
         )
     else:
         raise SystemExit(
