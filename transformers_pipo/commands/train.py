@@ -33,6 +33,16 @@ class PipoTrainScriptArguments:
         default=False, metadata={"help": "Convert a plain causal LM given as --model into a PIPO model first."}
     )
     compressor_type: str = field(default="mlp", metadata={"help": "Compressor for --from_backbone."})
+    add_eos: bool = field(default=True, metadata={"help": "Append EOS to string responses of prompt/response records."})
+    merge_lora: bool = field(
+        default=True, metadata={"help": "With --train_mode lora, also save a merged PIPO folder in <output_dir>/merged."}
+    )
+
+
+@dataclass
+class PipoSFTScriptArguments(PipoTrainScriptArguments):
+    """`pipo train sft` locations plus the PAD choice of --from_backbone (OPD's trl config owns `--pad_token`)."""
+
     pad_token_id: int | None = field(
         default=None,
         metadata={"help": "PIPO PAD id for --from_backbone (default: the tokenizer's pad; a PAD that is also an EOS "
@@ -42,10 +52,6 @@ class PipoTrainScriptArguments:
         default="<|pipo_pad|>",
         metadata={"help": "PAD token added by --from_backbone when the tokenizer has no usable pad (an existing "
                   "token, e.g. <|finetune_right_pad_id|>, is reused without growing the vocabulary)."},
-    )
-    add_eos: bool = field(default=True, metadata={"help": "Append EOS to string responses of prompt/response records."})
-    merge_lora: bool = field(
-        default=True, metadata={"help": "With --train_mode lora, also save a merged PIPO folder in <output_dir>/merged."}
     )
 
 
@@ -93,7 +99,7 @@ def _train(command: str, rest: list[str]) -> int:
     if command == "sft":
         from transformers_pipo.training import PipoSFTConfig as Config
 
-        Script = PipoTrainScriptArguments
+        Script = PipoSFTScriptArguments
     else:
         from transformers_pipo.training import PipoOPDConfig as Config
 
@@ -122,7 +128,8 @@ def _load(script: PipoTrainScriptArguments):
     elif script.from_backbone:
         model, tokenizer = PipoForCausalLM.from_backbone(
             script.model, tokenizer, compressor_type=script.compressor_type, return_tokenizer=True,
-            pad_token_id=script.pad_token_id, pad_token=script.pad_token,
+            pad_token_id=getattr(script, "pad_token_id", None),
+            pad_token=getattr(script, "pad_token", "<|pipo_pad|>"),
         )
     else:
         raise SystemExit(
@@ -198,4 +205,4 @@ def _finish(trainer, script, config) -> int:
     return 0
 
 
-__all__ = ["register", "run", "PipoTrainScriptArguments", "PipoOPDScriptArguments"]
+__all__ = ["register", "run", "PipoTrainScriptArguments", "PipoSFTScriptArguments", "PipoOPDScriptArguments"]
