@@ -7,11 +7,14 @@ Every preset goes through `PipoConfig`, so the folders are valid, mutually consi
   `architectures = ["PipoForCausalLM"]` and an `auto_map` pointing at `configuration_pipo.PipoConfig` /
   `modeling_pipo.PipoForCausalLM` (the remote-code files that `save_pretrained` ships next to the weights);
 - `generation_config.json`: the backbone's published sampling defaults plus PIPO's (`pad_token_id` = the PIPO PAD,
-  PAD removed from the EOS ids, `pipo_confidence_threshold` = τ).
+  PAD removed from the EOS ids, `pipo_confidence_threshold` = τ);
+- the remote code `auto_map` names (`configuration_pipo.py`, `modeling_pipo.py` and the siblings they import),
+  copied from `transformers_pipo/` as it is now; `--check` fails when the package's code has changed since.
 
 Usage:
     python hub_configs/build_presets.py            # (re)write every preset folder next to this script
-    python hub_configs/build_presets.py --check    # exit 1 if a committed folder differs from what would be built
+    python hub_configs/build_presets.py --check    # exit 1 if a committed folder differs from what would be built,
+                                                   # or a preset does not load (remote code / package, meta device)
     python hub_configs/build_presets.py --out DIR  # write somewhere else
 
 Which numbers are from memory (no network to the Hub here) is listed in `hub_configs/README.md`.
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PACKAGE = HERE.parent / "transformers_pipo"
 
 AUTO_MAP = {
     "AutoConfig": "configuration_pipo.PipoConfig",
@@ -152,13 +156,22 @@ def _qwen35(hidden, intermediate, tie):
         "linear_num_value_heads": 32,
         # three Gated-DeltaNet (linear-attention) layers, then one full-attention layer, repeated
         "layer_types": ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(32)],
-        "bos_token_id": 248044,
+        "full_attention_interval": 4,
+        "attn_output_gate": True,  # the gate half of q_proj (2 * heads * head_dim rows)
+        "mtp_num_hidden_layers": 1,  # the native MTP layer PIPO starts from (engines default it to 0)
+        "mtp_use_dedicated_embeddings": False,
+        "mamba_ssm_dtype": "float32",
+        # no bos_token_id: the published config has none and the tokenizer's BOS is null
         "eos_token_id": 248046,  # <|im_end|>; 248044 (<|endoftext|>) is PIPO's PAD and must not stop generation
         "dtype": "bfloat16",
     }
 
 
-QWEN35_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+# The authors' evaluation sampling (temperature 1.0, top-p 0.95, top-k 20, presence penalty 1.5). transformers has no
+# presence penalty (`repetition_penalty` is a different, multiplicative rule) and `generate` would silently ignore an
+# unknown field, so presence_penalty is left to the serving engine (see README.md).
+QWEN35_GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 20}
+QWEN35_PRESENCE_PENALTY = 1.5
 QWEN35_PAD = 248044  # hard-coded PAD of the reference implementation (spec §1.1)
 
 PRESETS = [
@@ -230,8 +243,22 @@ def _strip(d: dict) -> dict:
     return d
 
 
+def remote_code_files() -> dict[str, str]:
+    """File name → text of the remote-code modules `auto_map` names, plus every sibling they import with
+    `from .x import y`: found the way `save_pretrained` finds them (transformers' own relative-import scan), read
+    from the package as it is now."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    files = {}
+    for entry in AUTO_MAP.values():
+        module = PACKAGE / (entry.split(".")[0] + ".py")
+        for path in [module, *map(Path, get_relative_import_files(str(module)))]:
+            files[path.name] = path.read_text()
+    return dict(sorted(files.items()))
+
+
 def render(preset: Preset) -> dict[str, str]:
-    """File name → exact JSON text of the preset folder."""
+    """File name → exact text of the preset folder (configs and remote code)."""
     config = pipo_config(preset).to_dict()
     config["auto_map"] = dict(AUTO_MAP)
     config["architectures"] = list(ARCHITECTURES)
@@ -239,6 +266,7 @@ def render(preset: Preset) -> dict[str, str]:
     return {
         "config.json": json.dumps(_strip(config), indent=2, sort_keys=True) + "\n",
         "generation_config.json": json.dumps(_strip(gen), indent=2, sort_keys=True) + "\n",
+        **remote_code_files(),
     }
 
 
@@ -253,9 +281,15 @@ def build(out: Path) -> list[Path]:
     return written
 
 
-def _normalised(name: str, data: dict) -> dict:
-    """A preset file's content as the library sees it: loaded and re-serialised (fields added to PipoConfig later
-    with defaults do not make a committed preset stale)."""
+def _normalised(name: str, text: str):
+    """A preset file's content as the library sees it. Code files compare byte for byte; configs are loaded and
+    re-serialised (fields added to PipoConfig later with defaults do not make a committed preset stale)."""
+    if not name.endswith(".json"):
+        return text
+    return _normalised_json(name, json.loads(text))
+
+
+def _normalised_json(name: str, data: dict) -> dict:
     if name == "config.json":
         from transformers_pipo import PipoConfig
 
@@ -276,21 +310,83 @@ def check(out: Path) -> list[str]:
             if not path.is_file():
                 stale.append(str(path))
                 continue
-            if _normalised(name, json.loads(path.read_text())) != _normalised(name, json.loads(text)):
+            if _normalised(name, path.read_text()) != _normalised(name, text):
                 stale.append(str(path))
+        extra = sorted(p.name for p in (out / preset.name).glob("*.py") if p.name not in render(preset))
+        stale += [f"{out / preset.name / name} (not written by build_presets.py)" for name in extra]
     return stale
+
+
+LOAD_CHECK = """
+import json, sys
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+folders = json.loads(sys.argv[1])
+report = {}
+for mode in ("remote", "package"):
+    if mode == "remote":
+        sys.modules["transformers_pipo"] = None  # as on a machine without the package: only the folder's code
+    else:
+        del sys.modules["transformers_pipo"]
+        import transformers_pipo  # noqa: F401  (registers the pipo model type; it then wins over auto_map)
+    remote = mode == "remote"
+    for folder in folders:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+        report[mode + ":" + folder] = {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "params": sum(p.numel() for p in model.parameters()),
+            "device": next(model.parameters()).device.type,
+        }
+print("\\nLOADED" + json.dumps(report))
+"""
+
+
+def check_loads(out: Path) -> tuple[list[str], dict]:
+    """Load every preset as its README says, in a fresh process: first with `trust_remote_code=True` and the
+    package not importable (the folder's own code), then with the package imported; build each model on the meta
+    device. Returns `(problems, report)`; both ways must give a `PipoForCausalLM` of the same parameter count."""
+    import subprocess
+
+    folders = [str(out / preset.name) for preset in PRESETS]
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHECK, json.dumps(folders)], capture_output=True, text=True,
+                          cwd=out)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("LOADED")), None)
+    if proc.returncode != 0 or line is None:
+        return [f"loading the presets failed:\n{proc.stderr[-3000:]}"], {}
+    report, problems = json.loads(line[len("LOADED"):]), []
+    for folder in folders:
+        remote, package = report["remote:" + folder], report["package:" + folder]
+        if remote["class"] != "PipoForCausalLM" or not remote["module"].startswith("transformers_modules."):
+            problems.append(f"{folder}: remote code gave {remote['module']}.{remote['class']}")
+        if package["module"] != "transformers_pipo.modeling_pipo":
+            problems.append(f"{folder}: with the package imported got {package['module']}")
+        if remote["params"] != package["params"] or {remote["device"], package["device"]} != {"meta"}:
+            problems.append(f"{folder}: remote {remote} vs package {package}")
+    return problems, report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=HERE, help="Folder that receives one sub-folder per preset.")
-    parser.add_argument("--check", action="store_true", help="Only compare; exit 1 when a preset file is stale.")
+    parser.add_argument("--check", action="store_true",
+                        help="Only verify: exit 1 when a preset file is stale or missing, or a preset does not load "
+                        "(with trust_remote_code and no package, and with the package; built on the meta device).")
     args = parser.parse_args(argv)
     if args.check:
         stale = check(args.out)
         for path in stale:
             print(f"stale or missing: {path}", file=sys.stderr)
-        return 1 if stale else 0
+        problems = [] if stale else check_loads(args.out)[0]
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not stale and not problems:
+            print(f"{len(PRESETS)} presets up to date; each loads with trust_remote_code (package blocked) and with "
+                  "the package, on the meta device")
+        return 1 if stale or problems else 0
     for path in build(args.out):
         print(path)
     return 0

@@ -187,3 +187,81 @@ def test_meta_parameter_counts(name):
         assert model.lm_head.weight is model.get_input_embeddings().weight
     else:
         assert model.lm_head.weight is not model.get_input_embeddings().weight
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loadable as the README says: remote code shipped in every folder
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_preset_ships_the_packages_current_remote_code():
+    package = HUB_CONFIGS.parent / "transformers_pipo"
+    for name in PRESETS:
+        folder = HUB_CONFIGS / name
+        shipped = sorted(p.name for p in folder.glob("*.py"))
+        assert shipped == ["configuration_pipo.py", "generation_pipo.py", "modelcard_pipo.py", "modeling_pipo.py"]
+        for file in shipped:
+            assert (folder / file).read_text() == (package / file).read_text(), f"{name}/{file}"
+
+
+def test_check_names_stale_missing_and_foreign_code(tmp_path):
+    import shutil
+
+    for name in PRESETS:
+        shutil.copytree(HUB_CONFIGS / name, tmp_path / name)
+    assert builder.check(tmp_path) == []
+    target = tmp_path / "Qwen3-0.6B-PIPO" / "modeling_pipo.py"
+    target.write_text(target.read_text() + "\n# edited by hand\n")
+    (tmp_path / "Llama-3.2-1B-PIPO" / "generation_pipo.py").unlink()
+    (tmp_path / "Qwen3.5-4B-PIPO" / "helpers.py").write_text("x = 1\n")
+    stale = builder.check(tmp_path)
+    assert str(target) in stale
+    assert str(tmp_path / "Llama-3.2-1B-PIPO" / "generation_pipo.py") in stale
+    assert any("helpers.py (not written by build_presets.py)" in s for s in stale)
+    assert len(stale) == 3
+
+
+def test_presets_load_with_remote_code_without_the_package_and_with_it_on_meta():
+    """`AutoConfig.from_pretrained(folder, trust_remote_code=True)` in a process where transformers_pipo cannot be
+    imported, then with it imported; `AutoModelForCausalLM.from_config` on the meta device both ways, with the
+    analytic parameter count."""
+    problems, report = builder.check_loads(HUB_CONFIGS)
+    assert problems == []
+    for name in PRESETS:
+        config = AutoConfig.from_pretrained(HUB_CONFIGS / name)
+        expected = backbone_params(config.backbone_config) + pipo_head_params(config)
+        for mode in ("remote", "package"):
+            entry = report[f"{mode}:{HUB_CONFIGS / name}"]
+            assert entry["class"] == "PipoForCausalLM" and entry["device"] == "meta"
+            assert entry["params"] == expected, (name, mode)
+        assert report[f"remote:{HUB_CONFIGS / name}"]["module"].startswith("transformers_modules.")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Qwen3.5: fields as published
+# ------------------------------------------------------------------------------------------------------------------
+
+QWEN35_PUBLISHED = {"attn_output_gate": True, "full_attention_interval": 4, "mtp_num_hidden_layers": 1,
+                    "mtp_use_dedicated_embeddings": False, "mamba_ssm_dtype": "float32"}
+
+
+@pytest.mark.parametrize("name", ["Qwen3.5-4B-PIPO", "Qwen3.5-9B-PIPO"])
+def test_qwen35_presets_carry_the_published_fields(name):
+    raw = json.loads((HUB_CONFIGS / name / "config.json").read_text())
+    bb_raw = raw["backbone_config"]
+    assert bb_raw.get("bos_token_id") is None  # the published config has none; the tokenizer's BOS is null
+    for key, value in QWEN35_PUBLISHED.items():
+        assert bb_raw[key] == value, key
+    # a stock config rebuilt from the nested dict keeps them (engines read mtp_num_hidden_layers, default 0)
+    stock = AutoConfig.for_model(**{k: v for k, v in bb_raw.items() if k != "_name_or_path"})
+    for key, value in QWEN35_PUBLISHED.items():
+        assert getattr(stock, key) == value, key
+    loaded = AutoConfig.from_pretrained(HUB_CONFIGS / name).backbone_config
+    assert loaded.mtp_num_hidden_layers == 1 and loaded.attn_output_gate is True
+
+    gen_raw = json.loads((HUB_CONFIGS / name / "generation_config.json").read_text())
+    assert "bos_token_id" not in gen_raw
+    # the authors' evaluation sampling; presence penalty 1.5 has no transformers field (README says why)
+    assert (gen_raw["do_sample"], gen_raw["temperature"], gen_raw["top_p"], gen_raw["top_k"]) == (True, 1.0, 0.95, 20)
+    assert "presence_penalty" not in gen_raw
+    assert "presence_penalty" not in GenerationConfig().to_dict()  # if transformers grows one, use it

@@ -825,3 +825,53 @@ def test_num_mtp_layers_rejects_bool():
 
     with pytest.raises(ValueError, match="num_mtp_layers"):
         PipoConfig(num_mtp_layers=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the PAD/EOS rule of from_backbone, as a table (end-to-end layouts: tests/test_real_layouts.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Ids:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize(
+    ("config_eos", "gen_eos", "tok_eos", "tok_pad", "explicit", "pad", "add", "new_config_eos", "new_gen_eos"),
+    [
+        # Qwen3: pad <|endoftext|> is a secondary EOS of the generation config -> removed there
+        (151645, [151645, 151643], 151645, 151643, None, 151643, False, 151645, [151645]),
+        # Qwen3.5 release: PAD is the config's only EOS -> every list ends on <|im_end|>
+        (248044, [248046, 248044], 248046, 248044, None, 248044, False, 248046, [248046]),
+        # ... with no generation config of its own: EOS comes from the tokenizer
+        (248044, None, 248046, 248044, None, 248044, False, 248046, 248046),
+        # pad = the tokenizer's eos (GPT-2 / Llama recipes): never removed, dedicated PAD instead
+        (2, 2, 2, 2, None, None, True, 2, 2),
+        # no pad at all (Llama 3.2 Instruct): dedicated PAD, EOS untouched
+        ([128001, 128008, 128009], [128001, 128008, 128009], 128009, None, None, None, True,
+         [128001, 128008, 128009], [128001, 128008, 128009]),
+        # an explicit PAD that is an EOS but not the only one: honoured, removed
+        ([128001, 128008, 128009], [128001, 128008, 128009], 128009, None, 128008, 128008, False, [128001, 128009],
+         [128001, 128009]),
+        # a PAD outside every EOS list: nothing changes
+        (2, [2], 2, 7, None, 7, False, 2, [2]),
+    ],
+)
+def test_pad_eos_rule_table(config_eos, gen_eos, tok_eos, tok_pad, explicit, pad, add, new_config_eos, new_gen_eos):
+    from transformers_pipo.modeling_pipo import resolve_pad_and_eos
+
+    config = _Ids(eos_token_id=config_eos, pad_token_id=None)
+    gen = None if gen_eos is None else _Ids(eos_token_id=gen_eos)
+    tok = _Ids(eos_token_id=tok_eos, pad_token_id=tok_pad)
+    layout = resolve_pad_and_eos(config, gen, tok, pad_token_id=explicit)
+    assert (layout.pad_token_id, layout.add_pad_token) == (pad, add)
+    assert layout.config_eos == new_config_eos and layout.generation_eos == new_gen_eos
+    assert bool(layout.removed) == (pad is not None and new_gen_eos != gen_eos)
+
+
+def test_pad_eos_rule_refuses_an_explicit_pad_that_is_the_only_eos():
+    from transformers_pipo.modeling_pipo import resolve_pad_and_eos
+
+    with pytest.raises(ValueError, match=r"pad_token_id=2 equals an EOS id and is the backbone's only one \(\[2\]\)"):
+        resolve_pad_and_eos(_Ids(eos_token_id=2, pad_token_id=None), _Ids(eos_token_id=[2]), None, pad_token_id=2)

@@ -268,8 +268,94 @@ def test_bare_model_prefix_pad_removed_from_eos_and_cli(tmp_path, capsys):
     # nothing but the PAD as EOS: refuse, naming the flag
     src2 = tmp_path / "ref2"
     write_reference(src2, bare, tied=True, compressor="mlp", eos=PAD)
-    with pytest.raises(ValueError, match="no EOS id is left; pass --eos-token-id"):
+    with pytest.raises(ValueError, match="no EOS id is left and the tokenizer names no other eos_token; pass --eos"):
         convert_reference(src2, tmp_path / "out2", verify=False)
+
+
+def _source_with_transformers_generation_config(folder, extra=None):
+    """A reference folder whose generation_config.json was written by transformers from a model config
+    (`_from_model_config: true`, as released checkpoints have), with sampling defaults of its own."""
+    write_reference(folder, reference_tensors(True, "mlp", seed=5), tied=True, compressor="mlp", eos=PAD,
+                    generation_eos=[EOS, PAD], extra=extra)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen.update({"_from_model_config": True, "transformers_version": "4.57.1", "do_sample": True, "temperature": 1.0,
+                "top_k": 20, "top_p": 0.95})
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+
+
+def test_every_field_from_the_command_line_survives_a_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "ref"
+    _source_with_transformers_generation_config(src)
+    out = tmp_path / "out"
+    assert cli_main(["convert-reference", str(src), str(out), "--confidence-threshold", "0.5", "--compressor-type",
+                     "mlp", "--pad-token-id", str(PAD), "--eos-token-id", str(EOS), "7"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    gen = model.generation_config
+    assert gen.pipo_confidence_threshold == 0.5  # was dropped on load (back to 0.95) with _from_model_config
+    assert gen._from_model_config is False
+    assert model.config.compressor_type == "mlp"
+    assert model.config.pad_token_id == gen.pad_token_id == PAD
+    assert gen.eos_token_id == [EOS, 7] and model.config.eos_token_ids == [EOS, 7]
+    assert (gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (True, 1.0, 20, 0.95)  # the source's sampling
+    ids = torch.tensor([[5, 9, 14, 3]])
+    out_tau = model.generate(ids, max_new_tokens=4, do_sample=False, pipo_confidence_threshold=0.3)  # per-call τ
+    assert out_tau.shape[1] <= 8
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "check"),
+    [
+        ("mtp_loss_weight", 0.3, lambda m: m.config.mtp_loss_weight),
+        ("confidence_loss_weight", 0.7, lambda m: m.config.confidence_loss_weight),
+        ("conf_threshold", 0.8, lambda m: m.generation_config.pipo_confidence_threshold),
+        ("pipo_conf_threshold", 0.6, lambda m: m.generation_config.pipo_confidence_threshold),
+        ("compressor_type", "mlp", lambda m: m.config.compressor_type),
+        ("pad_token_id", PAD, lambda m: m.generation_config.pad_token_id),
+    ],
+)
+def test_every_pipo_field_of_the_source_survives_a_reload(tmp_path, field, value, check):
+    src = tmp_path / "ref"
+    _source_with_transformers_generation_config(src, extra={field: value})
+    convert_reference(src, tmp_path / "out", verify=False)
+    model = PipoForCausalLM.from_pretrained(tmp_path / "out")
+    assert check(model) == value
+
+
+def test_converting_a_converted_folder_says_so(tmp_path, capsys):
+    src = tmp_path / "ref"
+    write_reference(src, reference_tensors(True, "mlp", seed=6), tied=True, compressor="mlp")
+    convert_reference(src, tmp_path / "once", verify=False)
+    with pytest.raises(ValueError, match=r"already a PIPO checkpoint \(config.json has model_type 'pipo'\)"):
+        convert_reference(tmp_path / "once", tmp_path / "twice")
+    assert cli_main(["convert-reference", str(tmp_path / "once"), str(tmp_path / "twice")]) == 2
+    assert "already a PIPO checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()
+
+
+def test_qwen35_release_with_pad_only_eos_takes_eos_from_the_tokenizer(tmp_path):
+    """The Qwen3.5 release: config EOS = PAD = 248044 only, no generation_config.json, tokenizer eos <|im_end|>."""
+    from real_layouts import LAYOUTS, build_tokenizer
+    from transformers import AutoTokenizer, GenerationConfig
+
+    vocab = 248320
+    raw = reference_tensors(True, "mlp", seed=7)
+    raw["model.language_model.embed_tokens.weight"] = torch.randn(vocab, H) * 0.1
+    src = tmp_path / "qwen35"
+    write_reference(src, raw, tied=True, compressor="mlp", eos=248044, extra={"vocab_size": vocab,
+                                                                             "pad_token_id": 248044})
+    assert not (src / "generation_config.json").exists()
+    build_tokenizer(LAYOUTS["qwen3_5"]).save_pretrained(src)
+    report = convert_reference(src, tmp_path / "out")  # no flags
+    assert report.pad_token_id == 248044 and report.eos_token_ids == [248046]
+    assert any("<|im_end|>" in note for note in report.notes)
+    gen = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert gen.eos_token_id == [248046] and gen.pad_token_id == 248044
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["backbone_config"]["eos_token_id"] == 248046 and config["pad_token_id"] == 248044
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert tok.pad_token_id == 248044 and tok.eos_token_id == 248046
 
 
 def test_wrong_layout_lists_unexpected_and_missing_keys(tmp_path, capsys):

@@ -18,7 +18,11 @@ expected source layout (the authors' released checkpoints, spec §6.1):
     compressor.linear.{weight,bias}   or   compressor.mlp.{0,2}.{weight,bias}
     confidence_head.norm.weight, confidence_head.fc1.weight, confidence_head.fc2.weight
     model.visual.*           vision tower of the VL release: ignored
-  SRC/generation_config.json, tokenizer files   optional; copied over (the PAD is removed from the EOS ids)
+  SRC/generation_config.json, tokenizer files   optional; copied over (the PAD is removed from the EOS ids; when
+                             no EOS is left, e.g. a Qwen3.5 config listing only 248044, the tokenizer's eos_token
+                             is used: <|im_end|> 248046)
+  optional config fields     mtp_loss_weight, confidence_loss_weight, conf_threshold / pipo_conf_threshold (τ):
+                             kept in the converted config / generation_config.json
 
 unmerged LoRA adapters (spec §6.2): if SRC holds adapter_config.json + adapter_model.safetensors (keys
 base_model.model.<module>.lora_{A,B}.weight plus full copies of the modules_to_save modules), the adapter is
@@ -46,9 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="Override the compressor type (must agree with the compressor.* tensors).")
     parser.add_argument("--pad-token-id", type=int, help="PIPO PAD id (default: the config's; 248044 for Qwen3.5).")
     parser.add_argument("--eos-token-id", type=int, nargs="+",
-                        help="EOS id(s) (default: generation_config.json's, else the config's; PAD is removed).")
+                        help="EOS id(s) (default: generation_config.json's, else the config's; PAD is removed; "
+                             "the tokenizer's eos_token when none is left).")
     parser.add_argument("--confidence-threshold", type=float,
-                        help="Draft gate τ stored in generation_config.json (default 0.95).")
+                        help="Draft gate τ stored in generation_config.json (default: the source config's "
+                             "conf_threshold, else 0.95).")
     parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard to write (default 5GB).")
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty DST.")
     parser.add_argument("--no-verify", action="store_true",

@@ -40,6 +40,22 @@ class PipoTrainScriptArguments:
 
 
 @dataclass
+class PipoSFTScriptArguments(PipoTrainScriptArguments):
+    """`pipo train sft` locations plus the PAD choice of --from_backbone (OPD's trl config owns `--pad_token`)."""
+
+    pad_token_id: int | None = field(
+        default=None,
+        metadata={"help": "PIPO PAD id for --from_backbone (default: the tokenizer's pad; a PAD that is also an EOS "
+                  "id is removed from the EOS lists, see PipoForCausalLM.from_backbone)."},
+    )
+    pad_token: str = field(
+        default="<|pipo_pad|>",
+        metadata={"help": "PAD token added by --from_backbone when the tokenizer has no usable pad (an existing "
+                  "token, e.g. <|finetune_right_pad_id|>, is reused without growing the vocabulary)."},
+    )
+
+
+@dataclass
 class PipoOPDScriptArguments(PipoTrainScriptArguments):
     """`pipo train opd` locations: the training script arguments plus the teacher."""
 
@@ -83,7 +99,7 @@ def _train(command: str, rest: list[str]) -> int:
     if command == "sft":
         from transformers_pipo.training import PipoSFTConfig as Config
 
-        Script = PipoTrainScriptArguments
+        Script = PipoSFTScriptArguments
     else:
         from transformers_pipo.training import PipoOPDConfig as Config
 
@@ -111,7 +127,9 @@ def _load(script: PipoTrainScriptArguments):
         model = AutoModelForCausalLM.from_pretrained(script.model)
     elif script.from_backbone:
         model, tokenizer = PipoForCausalLM.from_backbone(
-            script.model, tokenizer, compressor_type=script.compressor_type, return_tokenizer=True
+            script.model, tokenizer, compressor_type=script.compressor_type, return_tokenizer=True,
+            pad_token_id=getattr(script, "pad_token_id", None),
+            pad_token=getattr(script, "pad_token", "<|pipo_pad|>"),
         )
     else:
         raise SystemExit(
@@ -187,4 +205,4 @@ def _finish(trainer, script, config) -> int:
     return 0
 
 
-__all__ = ["register", "run", "PipoTrainScriptArguments", "PipoOPDScriptArguments"]
+__all__ = ["register", "run", "PipoTrainScriptArguments", "PipoSFTScriptArguments", "PipoOPDScriptArguments"]

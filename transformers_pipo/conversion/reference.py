@@ -10,7 +10,8 @@ Reference layout (spec §6.1), merged safetensors (single file or sharded with `
     model.visual.*              vision tower of the VL release: ignored
 
 `config.json` is the backbone's *text* config, flat (`model_type: "qwen3_5_text"`) or nested under `text_config`,
-with `architectures: ["Qwen3_5ForCausalPIPO"]`, `compressor_type`, `pad_token_id` and `mtp_num_hidden_layers`.
+with `architectures: ["Qwen3_5ForCausalPIPO"]`, `compressor_type`, `pad_token_id` and `mtp_num_hidden_layers` (and
+optionally `mtp_loss_weight`, `confidence_loss_weight`, a threshold `conf_threshold` / `pipo_conf_threshold`).
 
 An unmerged LoRA adapter folder (spec §6.2: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_{A,B}.weight` and full copies of the `modules_to_save` modules) is merged into its
@@ -46,8 +47,9 @@ TOKENIZER_FILES = (
     "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
 )
 # Config fields that belong to the PIPO wrapper or the reference's serving code, not to the backbone config.
+THRESHOLD_FIELDS = ("pipo_confidence_threshold", "conf_threshold", "pipo_conf_threshold")
 PIPO_CONFIG_FIELDS = (
-    "compressor_type", "mtp_num_hidden_layers", "mtp_loss_weight", "conf_threshold", "pipo_conf_threshold",
+    "compressor_type", "mtp_num_hidden_layers", "mtp_loss_weight", "confidence_loss_weight", *THRESHOLD_FIELDS,
     "architectures", "auto_map", "transformers_version", "_name_or_path", "text_config", "vision_config",
 )
 IGNORED_PREFIXES = ("model.visual.",)
@@ -151,9 +153,12 @@ def split_reference_config(raw: dict) -> tuple[dict, dict, str]:
         text = dict(raw)
         top = raw
     pipo = {k: top.get(k, text.get(k)) for k in ("compressor_type", "mtp_num_hidden_layers", "pad_token_id",
-                                                 "architectures", "_name_or_path")}
+                                                 "mtp_loss_weight", "confidence_loss_weight", "architectures",
+                                                 "_name_or_path")}
     if pipo["pad_token_id"] is None:
         pipo["pad_token_id"] = text.get("pad_token_id")
+    thresholds = [top.get(k, text.get(k)) for k in THRESHOLD_FIELDS]
+    pipo["confidence_threshold"] = next((t for t in thresholds if t is not None), None)
     for key in PIPO_CONFIG_FIELDS:
         text.pop(key, None)
     if "model_type" not in text:
@@ -303,6 +308,47 @@ def rename_reference_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, s
     return mapping, ignored, unexpected
 
 
+def _refuse_pipo_checkpoint(src: Path) -> None:
+    """A folder written by `save_pretrained` of a PIPO model (or by this converter) needs no conversion."""
+    path = src / "config.json"
+    if not path.is_file():
+        return
+    raw = _read_json(path)
+    if raw.get("model_type") == "pipo" or "backbone_config" in raw:
+        raise ValueError(
+            f"convert-reference: {src} is already a PIPO checkpoint (config.json has model_type 'pipo'); there is "
+            "nothing to convert. Load it with AutoModelForCausalLM.from_pretrained (or PipoForCausalLM"
+            ".from_pretrained); convert-reference reads the PIPO authors' release layout only."
+        )
+
+
+def tokenizer_eos(folder: Path) -> tuple[str | None, int | None]:
+    """`(eos_token, id)` named by the tokenizer files of `folder` (tokenizer_config.json + tokenizer.json), read
+    as JSON so no tokenizer class has to be built; `(None, None)` when they name none."""
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None, None
+    config = _read_json(config_path)
+    token = config.get("eos_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not token:
+        return None, None
+    for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
+        if entry.get("content") == token:
+            return token, int(token_id)
+    tokenizer_json = folder / "tokenizer.json"
+    if tokenizer_json.is_file():
+        data = _read_json(tokenizer_json)
+        for entry in data.get("added_tokens") or []:
+            if entry.get("content") == token:
+                return token, int(entry["id"])
+        vocab = (data.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict) and token in vocab:
+            return token, int(vocab[token])
+    return token, None
+
+
 def _eos_list(value) -> list[int]:
     if value is None:
         return []
@@ -330,8 +376,16 @@ def convert_reference(
         compressor_type: overrides `compressor_type` of the adapter / additional / main config; must agree with
             the `compressor.*` keys.
         pad_token_id: PIPO PAD (default: the config's, else 248044 for a Qwen3.5 vocabulary).
-        eos_token_id: EOS id(s) (default: `generation_config.json`'s, else the config's); the PAD is always removed.
-        confidence_threshold: τ stored in the generation config (default 0.95, the reference evaluation default).
+        eos_token_id: EOS id(s) (default: `generation_config.json`'s, else the config's); the PAD is always removed,
+            and when no id is left the tokenizer's `eos_token` is used (a Qwen3.5 release lists only the PAD
+            248044 as EOS; its tokenizer names `<|im_end|>`, 248046).
+        confidence_threshold: τ stored in the generation config (default: the source config's
+            `pipo_confidence_threshold` / `conf_threshold` / `pipo_conf_threshold`, else 0.95, the reference
+            evaluation default).
+
+    Every PIPO field of the source (`compressor_type`, `pad_token_id`, `mtp_loss_weight`, `confidence_loss_weight`,
+    τ, the generation config's sampling fields) or of the arguments is written so that it survives a reload.
+    A folder that is already a PIPO checkpoint is refused with a clear error.
         verify: reload the written checkpoint with `PipoForCausalLM.from_pretrained` and check no key is missing
             or unexpected.
     """
@@ -345,6 +399,7 @@ def convert_reference(
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"convert-reference: destination {dst} is not empty (pass overwrite=True/--overwrite).")
     notes: list[str] = []
+    _refuse_pipo_checkpoint(src)
 
     # -- tensors (merging a LoRA adapter first when given one) ---------------------------------------------------
     merged_info = None
@@ -453,9 +508,14 @@ def convert_reference(
         eos = [e for e in eos if e != pad]
         notes.append(f"removed the PAD {pad} from the EOS ids (PAD marks a rejected draft, it must not stop).")
     if not eos:
+        token, token_id = tokenizer_eos(src if (src / "tokenizer_config.json").is_file() else config_dir)
+        if token_id is not None and token_id != pad:
+            eos = [token_id]
+            notes.append(f"EOS taken from the tokenizer's eos_token {token!r} ({token_id}).")
+    if not eos:
         raise ValueError(
-            f"convert-reference: after removing the PAD {pad}, no EOS id is left; pass --eos-token-id (for Qwen3.5 "
-            "that is 248046, <|im_end|>)."
+            f"convert-reference: after removing the PAD {pad}, no EOS id is left and the tokenizer names no other "
+            "eos_token; pass --eos-token-id (for Qwen3.5 that is 248046, <|im_end|>)."
         )
     text_fields["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     text_fields["pad_token_id"] = pad
@@ -473,6 +533,7 @@ def convert_reference(
         pad_token_id=pad,
         mtp_init="native",
         tie_word_embeddings=tie,
+        **{k: pipo_fields[k] for k in ("mtp_loss_weight", "confidence_loss_weight") if pipo_fields.get(k) is not None},
     )
     with torch.device("meta"):
         skeleton = PipoForCausalLM(config)
@@ -504,7 +565,14 @@ def convert_reference(
     gen.eos_token_id = eos
     if backbone.bos_token_id is not None and gen.bos_token_id is None:
         gen.bos_token_id = backbone.bos_token_id
+    if confidence_threshold is None:
+        confidence_threshold = pipo_fields.get("confidence_threshold")
+        if confidence_threshold is not None:
+            notes.append(f"confidence threshold {confidence_threshold} taken from the source config.")
     gen.pipo_confidence_threshold = 0.95 if confidence_threshold is None else float(confidence_threshold)
+    # Our own generation config: with `_from_model_config` (as in files written by transformers from a model
+    # config) transformers would rebuild it from config.json on load and drop the PIPO fields (τ).
+    gen._from_model_config = False
     skeleton.generation_config = gen
     dst.mkdir(parents=True, exist_ok=True)
     description = (

@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_pipo import PipoConfig, _backbone_hidden_size
 from .generation_pipo import DEFAULT_CONFIDENCE_THRESHOLD, pipo_generate_entry
 from .modelcard_pipo import write_model_card
 
 IGNORE_INDEX = -100
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -744,9 +745,24 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         when present (Qwen3.5), else from a copy of the last full-attention backbone layer (`mtp_init`); the
         confidence head starts near `c = 0.5`.
 
-        PAD: `pad_token_id` if given; else the tokenizer's pad token unless it is missing or equals an EOS id, in
-        which case `pad_token` is added to `tokenizer` as a special token (in place) and the embeddings are
-        resized. Returns the model, or `(model, tokenizer)` with `return_tokenizer=True`.
+        PAD and EOS (PIPO's PAD marks a rejected draft: it is never emitted and must never stop generation):
+
+        - The PAD is `pad_token_id` if given, else the tokenizer's pad token, else the backbone config's.
+        - A PAD that is also an EOS id (Qwen3 lists its pad `<|endoftext|>` in `generation_config.eos_token_id`;
+          the Qwen3.5 PIPO release uses `<|endoftext|>` as PAD) is **removed from every EOS list** of the
+          converted model (backbone config and generation config), as the PIPO authors do for Qwen3.5, and one
+          warning names the ids. The vocabulary, the tokenizer and the token's trained embedding stay as they are,
+          and the model matches the `hub_configs` presets and converted releases.
+        - Removing is refused when the PAD is the model's main stop token (the tokenizer's `eos_token`) or the
+          only EOS id (GPT-2's `<|endoftext|>`, base models whose pad is their EOS): a PAD taken from the
+          tokenizer/config is then replaced by a dedicated `pad_token` added to `tokenizer` (in place, embeddings
+          resized only when the new id does not fit), and an explicit `pad_token_id` that is the only EOS id is
+          an error.
+        - Without any pad, `pad_token` is added to `tokenizer` (Llama 3, Mistral, GPT-2); pass e.g.
+          `pad_token="<|finetune_right_pad_id|>"` to reuse a reserved token of the vocabulary instead.
+        - The tokenizer's pad token is set to the PAD, so batching pads with it.
+
+        Returns the model, or `(model, tokenizer)` with `return_tokenizer=True`.
 
         Args:
             backbone_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when a path is given (dtype, ...).
@@ -769,31 +785,32 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
             raise ValueError(f"{type(causal_lm).__name__} has no LM head; pass a *ForCausalLM model.")
 
         bb_config = causal_lm.config.get_text_config(decoder=True)
-        eos_ids = set(_eos_ids(bb_config.eos_token_id))
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        if pad_token_id is None:
-            if tokenizer is not None:
-                if tokenizer.pad_token_id is None or tokenizer.pad_token_id in eos_ids:
-                    tokenizer.add_special_tokens({"pad_token": pad_token})
-                pad_token_id = tokenizer.pad_token_id
-                if pad_token_id >= causal_lm.get_input_embeddings().weight.shape[0]:
-                    causal_lm.resize_token_embeddings(len(tokenizer))
-                    bb_config = causal_lm.config.get_text_config(decoder=True)
-            elif bb_config.pad_token_id is not None and bb_config.pad_token_id not in eos_ids:
-                pad_token_id = bb_config.pad_token_id
-            else:
-                raise ValueError(
-                    "from_backbone needs a PAD id distinct from EOS: pass tokenizer= (a dedicated PAD is added when "
-                    "needed) or pad_token_id=."
-                )
+        source_generation = getattr(causal_lm, "generation_config", None)
+        layout = resolve_pad_and_eos(
+            bb_config, source_generation, tokenizer, pad_token_id=pad_token_id,
+            vocab_rows=causal_lm.get_input_embeddings().weight.shape[0],
+        )
+        if layout.add_pad_token:
+            tokenizer.add_special_tokens({"pad_token": pad_token})
+            layout.pad_token_id = tokenizer.pad_token_id
+        elif tokenizer is not None and tokenizer.pad_token_id != layout.pad_token_id < len(tokenizer):
+            # Batching (pipeline, collators) pads with the tokenizer's pad token: make it the PIPO PAD.
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(layout.pad_token_id)
+        pad_token_id = layout.pad_token_id
+        if tokenizer is not None and pad_token_id >= causal_lm.get_input_embeddings().weight.shape[0]:
+            causal_lm.resize_token_embeddings(len(tokenizer))
+            bb_config = causal_lm.config.get_text_config(decoder=True)
+        if layout.removed:
+            logger.warning(layout.warning(tokenizer, getattr(causal_lm.config, "name_or_path", "") or ""))
+        bb_config = copy.deepcopy(bb_config)
+        bb_config.eos_token_id = layout.config_eos
         if mtp_init is None:
             mtp_init = "native" if native else "last_layer"
         if mtp_init == "native" and not native:
             raise ValueError("mtp_init='native' but the backbone checkpoint has no `mtp.*` weights.")
 
         config = PipoConfig(
-            backbone_config=copy.deepcopy(bb_config),
+            backbone_config=bb_config,
             pad_token_id=pad_token_id,
             compressor_type=compressor_type,
             mtp_init=mtp_init,
@@ -819,9 +836,11 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
                 pipo._init_weights(module)
         pipo.mtp.to(dtype)
         _init_mtp_from_backbone(pipo, body, mtp_init, native)
-        pipo.generation_config = copy.deepcopy(causal_lm.generation_config)
+        source_generation = source_generation if source_generation is not None else GenerationConfig()
+        pipo.generation_config = copy.deepcopy(source_generation)
         pipo.generation_config._from_model_config = False
         pipo.generation_config.pad_token_id = pad_token_id
+        pipo.generation_config.eos_token_id = layout.generation_eos
         if pipo.generation_config.do_sample is None:
             # An explicit value stops pipeline() from injecting its sampling defaults (HF_NOTES §4).
             pipo.generation_config.do_sample = False
@@ -835,6 +854,112 @@ def _eos_ids(value) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else list(value)
+
+
+@dataclass
+class PadEosLayout:
+    """Outcome of [`resolve_pad_and_eos`]: the PAD and the EOS lists of the converted model."""
+
+    pad_token_id: int | None
+    add_pad_token: bool  # a dedicated PAD token must be added to the tokenizer
+    config_eos: int | list[int] | None  # backbone config's eos_token_id, PAD removed
+    generation_eos: int | list[int] | None  # generation config's eos_token_id, PAD removed
+    removed: dict[str, list[int]]  # where the PAD was an EOS id: {"generation_config": [...], ...}
+
+    def warning(self, tokenizer=None, source: str = "") -> str:
+        token = ""
+        if tokenizer is not None:
+            token = f" {tokenizer.convert_ids_to_tokens(self.pad_token_id)!r}"
+        where = "; ".join(f"{name}.eos_token_id {ids}" for name, ids in self.removed.items())
+        return (
+            f"PIPO PAD {self.pad_token_id}{token} is also an EOS id of the backbone{' ' + source if source else ''} "
+            f"({where}). PAD marks a rejected draft and is never emitted, so it was removed from every EOS list: "
+            f"generation_config.eos_token_id={self.generation_eos}, backbone eos_token_id={self.config_eos}."
+        )
+
+
+def _unique(ids) -> list[int]:
+    out: list[int] = []
+    for i in ids:
+        if i is not None and int(i) not in out:
+            out.append(int(i))
+    return out
+
+
+def _drop(value, pad: int):
+    """`value` (None, int or list of ids) without `pad`, keeping its shape; None when nothing is left."""
+    ids = [i for i in _eos_ids(value) if i != pad]
+    if not ids:
+        return None
+    return ids[0] if isinstance(value, int) else ids
+
+
+def resolve_pad_and_eos(
+    backbone_config,
+    generation_config=None,
+    tokenizer=None,
+    *,
+    pad_token_id: int | None = None,
+    vocab_rows: int | None = None,
+) -> PadEosLayout:
+    """Choose the PIPO PAD of a backbone and its EOS lists with that PAD removed (rule in `from_backbone`).
+
+    Pure: reads the backbone config, its generation config and the tokenizer, changes none of them.
+    """
+    config_eos = _eos_ids(getattr(backbone_config, "eos_token_id", None))
+    generation_eos = _eos_ids(getattr(generation_config, "eos_token_id", None)) if generation_config else []
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    stop_ids = _unique(generation_eos + config_eos + [tokenizer_eos])
+
+    def others(pad: int) -> list[int]:
+        return [i for i in stop_ids if i != pad]
+
+    explicit = pad_token_id is not None
+    add = False
+    if explicit:
+        pad = int(pad_token_id)
+        if vocab_rows is not None and not 0 <= pad < vocab_rows:
+            raise ValueError(f"from_backbone: pad_token_id={pad} is outside the backbone vocabulary [0, {vocab_rows}).")
+        if pad in stop_ids and not others(pad):
+            raise ValueError(
+                f"from_backbone: pad_token_id={pad} equals an EOS id and is the backbone's only one ({stop_ids}): "
+                "PAD marks a rejected draft and is never emitted, so the model could never stop. Pass another "
+                "pad_token_id, or tokenizer= without pad_token_id to add a dedicated PAD token."
+            )
+    else:
+        pad = tokenizer.pad_token_id if tokenizer is not None else getattr(backbone_config, "pad_token_id", None)
+        if pad is not None and pad in stop_ids and (pad == tokenizer_eos or not others(pad)):
+            pad = None  # the main stop token: never remove it, use a dedicated PAD instead
+        if pad is None:
+            if tokenizer is None:
+                raise ValueError(
+                    "from_backbone needs a PAD id distinct from EOS: pass tokenizer= (a dedicated PAD is added when "
+                    "needed) or pad_token_id=."
+                )
+            add = True
+    if add:
+        return PadEosLayout(None, True, getattr(backbone_config, "eos_token_id", None),
+                            getattr(generation_config, "eos_token_id", None) if generation_config else None, {})
+    removed = {}
+    if pad in generation_eos:
+        removed["generation_config"] = generation_eos
+    if pad in config_eos:
+        removed["config"] = config_eos
+    if pad == tokenizer_eos:
+        removed["tokenizer"] = [tokenizer_eos]
+    fallback = others(pad)
+    fallback = fallback[0] if len(fallback) == 1 else (fallback or None)
+    new_config_eos = _drop(getattr(backbone_config, "eos_token_id", None), pad)
+    new_generation_eos = _drop(getattr(generation_config, "eos_token_id", None) if generation_config else None, pad)
+    if new_generation_eos is None and removed:
+        new_generation_eos = fallback
+    if new_config_eos is None and removed:
+        ids = _eos_ids(new_generation_eos)
+        new_config_eos = ids[0] if len(ids) == 1 else (ids or None)
+    if not removed:
+        new_config_eos = getattr(backbone_config, "eos_token_id", None)
+        new_generation_eos = getattr(generation_config, "eos_token_id", None) if generation_config else None
+    return PadEosLayout(pad, False, new_config_eos, new_generation_eos, removed)
 
 
 def native_mtp_state_dict(path: str) -> dict[str, torch.Tensor] | None:
