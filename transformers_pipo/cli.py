@@ -100,22 +100,24 @@ def suggest_options(unknown: list[str], known: list[str]) -> str:
     return f"unknown option {flag}{hint}{more}"
 
 
-def quiet_optional_dependencies() -> None:
-    """Silence import-time warnings of optional dependencies and library deprecation chatter."""
+def quiet_optional_dependencies(loading_bars: bool = False) -> None:
+    """Silence import-time warnings of optional dependencies and library deprecation chatter (and, unless
+    `loading_bars`, transformers' weight-loading progress bars; training keeps its progress bar either way)."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     # transformers' own warnings and its weight-loading bars, once it is imported (not before: keeps --help fast).
-    _after_import("transformers", _quiet_transformers)
+    _after_import("transformers", lambda module: _quiet_transformers(module, loading_bars))
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*kernels.*")
 
 
-def _quiet_transformers(transformers) -> None:
+def _quiet_transformers(transformers, loading_bars: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    if not loading_bars:
+        hf_logging.disable_progress_bar()
 
 
 def _after_import(name: str, callback) -> None:
@@ -252,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not debug:
-        quiet_optional_dependencies()
     parser = build_parser()
     prog, args = "pipo", None
     try:
         args, unknown = parser.parse_known_args(argv)
         command = getattr(args, "command", None)
+        if not debug:  # before any heavy import
+            quiet_optional_dependencies(loading_bars=command == "train")
         prog = f"pipo {command}" if command else "pipo"
         if getattr(args, "train_command", None):
             prog += f" {args.train_command}"

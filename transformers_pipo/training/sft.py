@@ -134,6 +134,83 @@ def load_pipo_model(model):
     return model
 
 
+def prepare_lora_base(model, output_dir: str, tokenizer=None, should_save: bool = True) -> str:
+    """Make sure a LoRA run's adapters name a base that loads offline, and return it.
+
+    peft writes `model.name_or_path` as the adapter's `base_model_name_or_path`. A model loaded from a local PIPO
+    folder keeps that folder (made absolute, so the adapter loads from any working directory) and a Hub id is kept;
+    a model that exists only in memory (e.g. fresh from `from_backbone`) is saved to `<output_dir>/base` first.
+    """
+    import json
+    import os
+
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or ""
+    # Keep `name` only when it holds a PIPO config: from_backbone leaves the *backbone's* folder or Hub id there.
+    config_file = os.path.join(name, "config.json") if os.path.isdir(name) else None
+    if config_file is None and name and not os.path.exists(name):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            config_file = cached if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001  (not a valid repo id: treat as in-memory)
+            config_file = None
+    target = None
+    if config_file is not None:
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                if json.load(handle).get("model_type") == "pipo":
+                    target = os.path.abspath(name) if os.path.isdir(name) else name
+        except (OSError, ValueError):
+            target = None
+    if target is None:
+        target = os.path.abspath(os.path.join(output_dir, "base"))
+        if should_save:
+            model.save_pretrained(target)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(target)
+        model.pipo_lora_base_dir = target
+    model.name_or_path = target
+    model.config._name_or_path = target
+    return target
+
+
+def record_stage(model, stage: str) -> dict:
+    """Append `stage` to the model's training history (`config.pipo_training_stages`, saved in config.json) and to
+    its model card info; returns the card info dict (add e.g. the measured commit rate to it)."""
+    stages = list(getattr(model.config, "pipo_training_stages", None) or []) + [stage]
+    model.config.pipo_training_stages = stages
+    info = dict(getattr(model, "pipo_model_card_info", None) or {})
+    info["training_stages"] = stages
+    model.pipo_model_card_info = info
+    return info
+
+
+@torch.no_grad()
+def measure_commit_rate(model, prompts: list[list[int]], pad_token_id: int, max_new_tokens: int = 64):
+    """`(rate, setting)`: committed drafts / decode steps of greedy PIPO decoding from `prompts` (batch 1 each) at the
+    model's saved τ."""
+    base = pipo_base(model)
+    tau = getattr(base.generation_config, "pipo_confidence_threshold", None)
+    device = next(base.parameters()).device
+    was_training = model.training
+    model.eval()
+    committed = steps = 0
+    try:
+        for prompt in prompts:
+            ids = torch.tensor([prompt], dtype=torch.long, device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                                 return_dict_in_generate=True)
+            committed += int(out.committed_drafts.sum())
+            steps += int(out.decode_steps.sum())
+    finally:
+        model.train(was_training)
+    rate = committed / steps if steps else 0.0
+    setting = f"greedy, τ={tau:g}" if tau is not None else "greedy, default τ"
+    return rate, f"{setting}, {len(prompts)} prompts, up to {max_new_tokens} new tokens"
+
+
 def pipo_base(model):
     """The `PipoForCausalLM` under any peft/accelerate wrapping."""
     while hasattr(model, "module") and not hasattr(model, "embed_pairs"):
@@ -210,6 +287,8 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         args.remove_unused_columns = False
         if args.train_mode == "lora" and peft_config is None:
             peft_config = args.make_lora_config()
+        if args.train_mode == "lora" and not hasattr(model, "peft_config"):
+            prepare_lora_base(model, args.output_dir, processing_class, args.should_save)
         model = configure_trainable(model, args.train_mode, peft_config)
         if data_collator is None:
             data_collator = PipoDataCollator(
@@ -292,4 +371,12 @@ def save_merged(model, output_dir: str, tokenizer=None):
     return model
 
 
-__all__ = ["PipoSFTConfig", "PipoSFTTrainer", "save_merged", "load_pipo_model"]
+__all__ = [
+    "PipoSFTConfig",
+    "PipoSFTTrainer",
+    "save_merged",
+    "load_pipo_model",
+    "prepare_lora_base",
+    "record_stage",
+    "measure_commit_rate",
+]
