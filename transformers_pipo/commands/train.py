@@ -135,7 +135,9 @@ def build_train_parser(command: str):
     class Parser(HfArgumentParser):
         error = PipoArgumentParser.error
 
+    teacher = " --teacher TEACHER" if command == "opd" else ""
     parser = Parser((Script, Config), prog=f"pipo train {command}",
+                    usage=f"pipo train {command} --model MODEL --dataset_name DATA{teacher} --output_dir DIR [options]",
                     description=SUBCOMMANDS[command] + " Flags may also come from a YAML file given with --config "
                     "(keys are flag names without dashes; flags on the command line win), as in trl.")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (as trl's --config).")
@@ -151,6 +153,8 @@ def build_train_parser(command: str):
         key = "script" if action.dest in script_fields else "pipo" if action.dest in pipo_fields else "rest"
         parser._optionals._group_actions.remove(action)
         groups[key]._group_actions.append(action)
+    order = {id(a): i for i, a in enumerate(a for g in parser._action_groups for a in g._group_actions)}
+    parser._actions.sort(key=lambda a: order.get(id(a), -1))
     return parser, Script, Config
 
 

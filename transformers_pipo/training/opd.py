@@ -54,7 +54,9 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
         metadata={"help": "'full' (reverse KL / JSD over the vocabulary), 'topk' (over student∪teacher top-k∪{y}, "
                   "renormalised) or 'sampled' (score-function estimator).", "choices": list(DIVERGENCES)},
     )
-    topk: int = field(default=32, metadata={"help": "K for divergence='topk'."})
+    divergence_topk: int = field(
+        default=32, metadata={"help": "K for divergence='topk' (not to be confused with the rollout's --top_k)."}
+    )
     divergence_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of both softmaxes in the divergence (τ_T)."}
     )
@@ -62,8 +64,8 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
         default=0.95,
         metadata={"help": "Rollout confidence threshold τ: <0 commits every draft, >=1 never drafts (always PAD)."},
     )
-    top_k: int = field(default=0, metadata={"help": "Rollout top-k (0 = off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Rollout top-p (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Rollout sampling top-k (0 = off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Rollout sampling top-p (1.0 = off)."})
     fill_pad_labels: bool = field(
         default=True,
         metadata={"help": "Supervise the MTP and confidence head at PAD draft slots with a label drawn from the "
@@ -97,8 +99,8 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}.")
         if self.divergence == "sampled" and self.beta != 1.0:
             raise ValueError("divergence='sampled' estimates the reverse KL only; set beta=1.0.")
-        if self.topk <= 0:
-            raise ValueError(f"topk must be positive, got {self.topk}.")
+        if self.divergence_topk <= 0:
+            raise ValueError(f"divergence_topk must be positive, got {self.divergence_topk}.")
         if self.divergence_temperature <= 0 or self.temperature <= 0:
             raise ValueError("temperature and divergence_temperature must be positive.")
         if self.max_new_tokens <= 0:
@@ -387,7 +389,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             inputs["labels"],
             divergence=args.divergence,
             beta=args.beta,
-            topk=args.topk,
+            topk=args.divergence_topk,
             temperature=args.divergence_temperature,
             fill_pad_labels=args.fill_pad_labels,
             mtp_loss_weight=args.mtp_loss_weight,

@@ -16,9 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .collator import IGNORE_INDEX, PAD_AUGMENTATIONS, PipoDataCollator
+from .collator import IGNORE_INDEX, PAD_AUGMENTATIONS, IndexedDataset, PipoDataCollator
 from .params import TRAIN_MODES, configure_trainable, count_parameters, lora_config
 
 
@@ -249,6 +249,16 @@ class _ComponentLogging:
         super().log(logs, start_time)
 
 
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the epoch (part of its augmentation RNG key) at the start of every epoch, resumed or not."""
+
+    def __init__(self, collator: PipoDataCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch + 1e-6) if state.epoch else 0
+
+
 class PipoSFTTrainer(_ComponentLogging, Trainer):
     """`Trainer` for PIPO SFT; logs `backbone_loss`, `mtp_loss`, `confidence_loss`, `mean_confidence` and
     `pad_fraction` next to the total `loss`.
@@ -300,6 +310,12 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
                 min_split_pairs=args.min_split_pairs,
                 mask_response_prefix=args.mask_response_prefix,
             )
+        if isinstance(data_collator, PipoDataCollator) and train_dataset is not None and hasattr(train_dataset,
+                                                                                                   "__getitem__"):
+            # Augmentation keyed by (seed, epoch, record indices): a resumed run repeats an uninterrupted one exactly.
+            train_dataset = IndexedDataset(train_dataset)
+            data_collator.record_seed = args.seed
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _CollatorEpoch(data_collator)]
         super().__init__(
             model=model,
             args=args,
