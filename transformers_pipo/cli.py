@@ -93,7 +93,9 @@ def suggest_options(unknown: list[str], known: list[str]) -> str:
     flag = flags[0].split("=", 1)[0]
     candidates = [k for k in known if k.startswith("--")]
     # Compare without dashes and with '-'/'_' unified, so '--max_new_tokens' finds '--max-new-tokens'.
-    norm = {re.sub(r"[-_]", "", k).lower(): k for k in candidates}
+    norm: dict[str, str] = {}
+    for k in candidates:  # the first spelling registered (the underscore one for HfArgumentParser flags) wins
+        norm.setdefault(re.sub(r"[-_]", "", k).lower(), k)
     close = difflib.get_close_matches(re.sub(r"[-_]", "", flag).lower(), list(norm), n=1, cutoff=0.6)
     hint = f" (did you mean {norm[close[0]]}?)" if close else ""
     more = f" and {len(flags) - 1} more" if len(flags) > 1 else ""

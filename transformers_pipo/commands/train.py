@@ -192,12 +192,12 @@ def _apply_yaml_config(parser, rest: list[str]) -> list[str]:
         raise UsageError(f"--config {path}: expected a mapping of flag names to values", prog=parser.prog)
     if "env" in values:
         raise UsageError(f"--config {path}: the 'env' section is not supported; configure with flags", prog=parser.prog)
-    dests = {a.dest for a in parser._actions}
-    unknown = [k for k in values if k.replace("-", "_") not in dests]
+    options = parser._option_string_actions
+    unknown = [k for k in values if f"--{k}" not in options]
     if unknown:
-        message = suggest_options([f"--{unknown[0]}"], list(parser._option_string_actions))
+        message = suggest_options([f"--{unknown[0]}"], list(options))
         raise UsageError(f"--config {path}: {message.replace('option', 'key', 1)}", prog=parser.prog)
-    defaults = {k.replace("-", "_"): v for k, v in values.items()}
+    defaults = {options[f"--{k}"].dest: v for k, v in values.items()}  # aliases (model_name_or_path) included
     for action in parser._actions:
         if action.dest in defaults:
             action.required = False
@@ -364,6 +364,13 @@ def _finish(trainer, script, config, command: str, train_records) -> int:
             if trainer.args.should_save:
                 save_merged(trainer.accelerator.unwrap_model(trainer.model), merged, trainer.processing_class)
             saved["merged"] = merged
+        if trainer.args.should_save:
+            import glob
+
+            from transformers_pipo.training.sft import scrub_adapter_card
+
+            for folder in [config.output_dir, *glob.glob(os.path.join(config.output_dir, "checkpoint-*"))]:
+                scrub_adapter_card(folder)
         lora_base = getattr(base, "pipo_lora_base_dir", None)
         if lora_base:
             saved["base"] = lora_base

@@ -175,6 +175,28 @@ def prepare_lora_base(model, output_dir: str, tokenizer=None, should_save: bool 
     return target
 
 
+def scrub_adapter_card(folder: str) -> None:
+    """Drop a local base path from the README peft writes next to an adapter (`base_model: /home/...` is meaningless
+    on the Hub and leaks the trainer's file system); a Hub id is kept. `adapter_config.json` keeps the path."""
+    import os
+    import re
+
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    local = re.compile(r"^(\s*-?\s*)(base_model(?::adapter)?:)\s*(\S+)\s*$")
+    out = []
+    for line in text.splitlines():
+        match = local.match(line)
+        if match and (os.path.isabs(match.group(3).split(":")[-1]) or os.path.exists(match.group(3))):
+            continue
+        out.append(line)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(out) + "\n")
+
+
 def record_stage(model, stage: str) -> dict:
     """Append `stage` to the model's training history (`config.pipo_training_stages`, saved in config.json) and to
     its model card info; returns the card info dict (add e.g. the measured commit rate to it)."""
@@ -237,6 +259,19 @@ class _ComponentLogging:
         means = torch.nanmean(gathered, dim=0) if gathered.numel() else stacked
         for name, value in zip(names, means.tolist()):
             self._components[mode][name].append(value)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Resume without a false alarm: a tied LM head is not saved (it *is* the embedding), so it is "missing"."""
+        model = self.accelerator.unwrap_model(self.model)
+        by_tensor: dict[int, list[str]] = defaultdict(list)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            by_tensor[id(param)].append(name)
+        missing = set(load_result.missing_keys)
+        tied = {name for names in by_tensor.values() if len(names) > 1 and not set(names) <= missing
+                for name in names if name in missing}
+        if tied:
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
@@ -394,5 +429,6 @@ __all__ = [
     "load_pipo_model",
     "prepare_lora_base",
     "record_stage",
+    "scrub_adapter_card",
     "measure_commit_rate",
 ]
