@@ -238,8 +238,13 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     if type(err).__name__ == "PipoDataError":  # a per-line report of a data file: keep it whole
         return text
-    first = next((line.strip() for line in text.splitlines() if line.strip()), text)
-    return first
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [text]
+    out = lines[0]
+    for line in lines[1:3]:  # "... from one of:" / "... the following:" continue on the next line(s)
+        if not out.endswith(":"):
+            break
+        out = f"{out} {line}"
+    return out
 
 
 def _model_folders(args: argparse.Namespace | None) -> list[str]:

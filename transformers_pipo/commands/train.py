@@ -218,10 +218,22 @@ def _train(command: str, rest: list[str]) -> int:
         raise UsageError("--model (or --model_name_or_path) is required", prog=parser.prog)
     if not script.dataset_name:
         raise UsageError("--dataset_name (or --train_file) is required", prog=parser.prog)
+    for flag, value in (("--dataset_name", script.dataset_name), ("--eval_file", script.eval_file)):
+        _check_data_location(flag, value)
     config.resume_from_checkpoint = _resume_target(config)
     if command == "opd":
         return _run_opd(script, config)
     return _run_sft(script, config)
+
+
+def _check_data_location(flag: str, value: str | None) -> None:
+    """Before any model is loaded: a data location that is clearly local (a path or a file name) must exist."""
+    from transformers_pipo.cli import UsageError
+
+    if value is None or os.path.exists(value):
+        return
+    if value.startswith((".", "/", "~")) or value.lower().endswith((".json", ".jsonl", ".parquet", ".csv", ".txt")):
+        raise UsageError(f"{flag} {value}: no such file or folder")
 
 
 def _resume_target(config):
