@@ -28,7 +28,9 @@ def test_console_script_points_at_main():
 
 
 def test_help_in_process(capsys):
-    assert main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "PIPO" in out and "info" in out
 

@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except SystemExit as exc:
+        if exc.code in (0, None):  # --help / --version: argparse's own clean exit
+            raise
         if isinstance(exc.code, str):  # `raise SystemExit("message")` in a command: a user error
             message = exc.code
             for prefix in (f"{prog}: ", "pipo train: ", "pipo: "):

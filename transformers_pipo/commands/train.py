@@ -387,7 +387,9 @@ def _finish(trainer, script, config, command: str, train_records) -> int:
         if lora_base:
             saved["base"] = lora_base
     if trainer.is_world_process_zero():
-        last = next((h for h in reversed(trainer.state.log_history) if "loss" in h or "train_loss" in h), {})
+        history = trainer.state.log_history
+        last = next((h for h in reversed(history) if "loss" in h), None)  # the last step log (loss components)
+        last = last or next((h for h in reversed(history) if "train_loss" in h), {})  # else the run's summary
         summary = {"steps": trainer.state.global_step, "saved": saved,
                    "last_log": {k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()}}
         if card.get("commit_rate") is not None:
