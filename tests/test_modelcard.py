@@ -149,3 +149,26 @@ def test_saved_folder_loads_as_remote_code_without_the_package(model, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-2:] == ["PipoForCausalLM", "modeling_pipo"]
+
+
+def test_a_local_base_path_never_appears(model, tmp_path):
+    local = tmp_path / "my-checkpoints" / "qwen3-base"
+    local.mkdir(parents=True)
+    model.config.backbone_config._name_or_path = str(local)  # as after from_backbone("/home/me/.../qwen3-base")
+    try:
+        card = build_model_card(model, {"training_stages": ["SFT (full, 10 steps)"]})
+    finally:
+        model.config.backbone_config._name_or_path = "Qwen/Qwen3-0.6B"
+    assert str(local) not in card and "my-checkpoints" not in card
+    assert "| Base model | a local checkpoint (not on the Hub) |" in card
+    assert "base_model:" not in card.split("---")[1]
+
+
+def test_training_stages_recorded_in_the_config_reach_the_card(model, tmp_path):
+    model.config.pipo_training_stages = ["SFT (full, 10 steps)", "OPD (full, 5 steps)"]
+    try:
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        del model.config.pipo_training_stages
+    assert "| Training stages | 1. SFT (full, 10 steps); 2. OPD (full, 5 steps) |" in read_card(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["pipo_training_stages"][1] == "OPD (full, 5 steps)"

@@ -186,4 +186,11 @@ def _backbone_hidden_size(config: PreTrainedConfig) -> int:
     raise ValueError(f"Cannot find the hidden size of backbone model_type '{config.model_type}'.")
 
 
+if not __name__.startswith("transformers_pipo."):
+    # Loaded as remote code (trust_remote_code=True): register the type, so later AutoConfig/AutoTokenizer calls on
+    # PIPO folders in this process know "pipo" and never ask the trust-remote-code question again. (The package
+    # registers its own classes on import.)
+    AutoConfig.register("pipo", PipoConfig, exist_ok=True)
+
+
 __all__ = ["PipoConfig"]

@@ -26,7 +26,8 @@ _GENERIC_CARD_SNIPPETS = (
 )
 CARD_INFO_KEYS = {
     "base_model": "Hub id of the backbone (default: the backbone config's `_name_or_path`).",
-    "training_stages": "list of stages, e.g. ['SFT (LoRA r=64, 1500 steps)', 'OPD (τ=0.95)'].",
+    "training_stages": "list of stages, e.g. ['SFT (LoRA r=64, 1500 steps)', 'OPD (τ=0.95)'] (default: the "
+    "config's `pipo_training_stages`, which `pipo train` appends to).",
     "commit_rate": "measured fraction of decode steps whose draft was committed (0..1).",
     "commit_rate_setting": "how the commit rate was measured (data set, τ, sampling).",
     "datasets": "list of training data sets (Hub ids).",
@@ -97,7 +98,7 @@ def build_model_card(model, info: dict | None = None, repo_id: str | None = None
         language=info.get("language"),
     )
 
-    stages = info.get("training_stages")
+    stages = info.get("training_stages") or getattr(config, "pipo_training_stages", None)
     if isinstance(stages, str):
         stages = [stages]
     commit = info.get("commit_rate")
@@ -115,8 +116,8 @@ def build_model_card(model, info: dict | None = None, repo_id: str | None = None
 
     if _is_hub_id(base_model):
         base_link = f"[{base_model}](https://huggingface.co/{base_model})"
-    else:
-        base_link = base_model or "unknown"
+    else:  # a local folder is meaningless to a reader (and may leak a user's paths): never print it
+        base_link = "a local checkpoint (not on the Hub)" if base_model else "unknown"
     title = repo.split("/")[-1] if repo != "path/to/this-model" else "PIPO model"
     lines = [CARD_MARKER, "", f"# {title}", ""]
     if info.get("description"):

@@ -455,3 +455,52 @@ def test_off_policy_steps_use_dataset_or_teacher_text(tmp_path, seq_kd):
         assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, expected.tolist()))
     else:
         assert int((ids != P).sum()) > int(sum(len(r["prompt_ids"]) for r in pattern_records(2, seed=7)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A teacher whose vocabulary is a prefix of the student's (from_backbone appended the PAD)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["full", "topk", "sampled"])
+def test_a_teacher_one_row_short_gives_the_same_loss(mode):
+    """The PAD row is masked in both distributions, so a teacher without it (the backbone before from_backbone added
+    the PAD) must give exactly the loss of the same teacher with a PAD row appended."""
+    torch.manual_seed(0)
+    student = PipoForCausalLM.from_backbone(
+        AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3")), pad_token_id=P
+    ).eval()
+    torch.manual_seed(1)
+    full = AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3")).eval()  # 128 rows, PAD row included
+    short = AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3", vocab_size=P)).eval()  # 127 rows
+    with torch.no_grad():
+        state = {k: v[:P] if v.shape[:1] == (P + 1,) else v for k, v in full.state_dict().items()}
+        short.load_state_dict(state)
+    ids = torch.tensor([[5, 6, 7, P, 8, 9, 10, P, 11, 12, 13, 14]])
+    mask = torch.ones_like(ids)
+    labels = torch.where((ids == P) | (torch.arange(12) < 4), torch.tensor(-100), ids)
+    results = []
+    for teacher in (full, short):
+        with torch.no_grad():
+            out = opd_loss(student, teacher, ids, mask, labels, divergence=mode,
+                           generator=torch.Generator().manual_seed(0))
+        results.append(out)
+    assert torch.isfinite(results[1].loss)
+    torch.testing.assert_close(results[1].loss, results[0].loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1].backbone_divergence, results[0].backbone_divergence, equal_nan=True)
+
+
+def test_teacher_vocabulary_check_accepts_a_prefix_and_refuses_the_rest():
+    from transformers_pipo.training.losses import teacher_logits_fn
+    from transformers_pipo.training.opd import check_teacher_vocabulary
+
+    student = PipoForCausalLM.from_backbone(
+        AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3")), pad_token_id=P
+    )
+    short = AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3", vocab_size=P))
+    check_teacher_vocabulary(student, short)  # a prefix: accepted
+    logits = teacher_logits_fn(short, vocab_size=P + 1)(torch.zeros(2, 32))
+    assert logits.shape == (2, P + 1) and torch.isneginf(logits[:, P]).all() and torch.isfinite(logits[:, :P]).all()
+    big = AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3", vocab_size=200))
+    with pytest.raises(ValueError, match="200 vocabulary rows but the student only 128.*use the student's tokenizer"):
+        check_teacher_vocabulary(student, big)

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from transformers_pipo.cli import check_prompt_length, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default=None, help="PIPO checkpoint folder or Hub id (default: the embedded one).")
     parser.add_argument("--prompt", required=True, help="Prompt text.")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="Budget of real tokens (default 256).")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="Budget of real tokens (default 256).")
     parser.add_argument("--threshold", type=float, default=None,
                         help="Confidence threshold τ (default: the checkpoint's generation_config).")
     parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pipo generate: {path} is not a PIPO checkpoint; decoding it token by token.", file=sys.stderr)
 
     enc = tokenizer(prompt, return_tensors="pt")
+    check_prompt_length(enc["input_ids"].shape[1], model.config)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, return_dict_in_generate=True,
                   streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     if args.sample:

@@ -34,6 +34,8 @@ import torch
 from .data import PipoDataError, encode_record
 
 IGNORE_INDEX = -100
+# Key under which IndexedDataset adds each record's dataset index.
+INDEX_KEY = "pipo_index"
 PAD_AUGMENTATIONS = ("split", "shift", "none")
 
 
@@ -116,6 +118,11 @@ class PipoDataCollator:
     add_eos: bool = True
     chat_template_kwargs: dict | None = None
     last_ratio: float = field(default=0.0, init=False)
+    # Set by the trainers: with `record_seed` given and every feature carrying its dataset index (INDEX_KEY), the
+    # augmentation of a batch draws from an RNG seeded by (record_seed, epoch, indices), so it does not depend on how
+    # many batches were collated before (dataloader prefetch, skipped batches on resume, workers).
+    record_seed: int | None = field(default=None, init=False)
+    epoch: int = field(default=0, init=False)
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -174,7 +181,9 @@ class PipoDataCollator:
         except PipoDataError as exc:
             raise PipoDataError(f"{exc}{_where(feature)}") from None
 
-    def build_row(self, prompt: list[int], response: list[int], ratio: float) -> tuple[list[int], list[int]]:
+    def build_row(
+        self, prompt: list[int], response: list[int], ratio: float, rng: random.Random | None = None
+    ) -> tuple[list[int], list[int]]:
         """`(ids, labels)` of one row laid out in pairs (steps 1-5 of the module docstring)."""
         pad = self.pad_token_id
         prompt, response = list(prompt), list(response)
@@ -184,7 +193,7 @@ class PipoDataCollator:
         if len(prompt) % 2:
             prompt.append(pad)
         body = augment_response(
-            response, pad, ratio, self.pad_augmentation, self.min_split_pairs, self._rng or random
+            response, pad, ratio, self.pad_augmentation, self.min_split_pairs, rng or self._rng or random
         ) if response else []
         ids = prompt + body
         labels = [IGNORE_INDEX] * len(prompt) + [t if t != pad else IGNORE_INDEX for t in body]
@@ -195,18 +204,28 @@ class PipoDataCollator:
 
     # -- batch ------------------------------------------------------------------------------------------------------
 
-    def draw_ratio(self) -> float:
+    def draw_ratio(self, rng: random.Random | None = None) -> float:
         if self.pad_augmentation == "none" or self.max_pad_ratio <= 0:
             return 0.0
-        return (self._rng or random).uniform(0.0, self.max_pad_ratio)
+        return (rng or self._rng or random).uniform(0.0, self.max_pad_ratio)
+
+    def batch_rng(self, features: list[dict]) -> random.Random | None:
+        """The per-batch RNG keyed by (record_seed, epoch, dataset indices), or None (use the collator's RNG)."""
+        if self.record_seed is None:
+            return None
+        indices = [f.get(INDEX_KEY) if isinstance(f, dict) else None for f in features]
+        if any(i is None for i in indices):
+            return None
+        return random.Random(f"pipo-augment:{self.record_seed}:{self.epoch}:{','.join(str(int(i)) for i in indices)}")
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("PipoDataCollator got an empty batch.")
         encoded = [self.encode(f) for f in features]
-        ratio = self.draw_ratio()
+        rng = self.batch_rng(features)
+        ratio = self.draw_ratio(rng)
         self.last_ratio = ratio
-        rows = [self.build_row(e["prompt_ids"], e["response_ids"], ratio) for e in encoded]
+        rows = [self.build_row(e["prompt_ids"], e["response_ids"], ratio, rng) for e in encoded]
         pad = self.pad_token_id
         width = max(len(ids) for ids, _ in rows)
         if self.pad_to_multiple_of:
@@ -230,8 +249,23 @@ class PipoDataCollator:
         return batch
 
 
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style view of `data` whose items also carry their index (INDEX_KEY), for [`PipoDataCollator.batch_rng`]."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.data[index])
+        item[INDEX_KEY] = int(index)
+        return item
+
+
 def _where(feature: dict) -> str:
     return f" (line {feature['line']})" if isinstance(feature, dict) and "line" in feature else ""
 
 
-__all__ = ["PipoDataCollator", "augment_response", "IGNORE_INDEX", "PAD_AUGMENTATIONS"]
+__all__ = ["PipoDataCollator", "IndexedDataset", "augment_response", "IGNORE_INDEX", "INDEX_KEY", "PAD_AUGMENTATIONS"]

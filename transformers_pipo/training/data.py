@@ -163,6 +163,59 @@ def _format_errors(path, errors: Sequence[tuple[int, str]], limit: int = 20) -> 
     return "\n".join(lines)
 
 
+def read_rows(
+    name: str | os.PathLike, config: str | None = None, split: str = "train"
+) -> tuple[str, list[tuple[int, Any]]]:
+    """`(what, [(row_number, record), ...])` from data as trl users bring it.
+
+    `name` is a JSON Lines file (`.jsonl`, or `.json` holding JSON Lines or one JSON array), a `.parquet` file, a
+    folder written by `datasets` `save_to_disk` (a `Dataset`, or a `DatasetDict` from which `split` is taken), or a
+    Hub data set id loaded with `datasets.load_dataset(name, config, split=split)`. Row numbers are file lines for
+    JSON Lines and 1-based row indices otherwise; `what` names the source in error messages.
+    """
+    path = os.fspath(name)
+    lower = path.lower()
+    if os.path.isfile(path):
+        if lower.endswith(".parquet"):
+            from datasets import Dataset
+
+            return path, _numbered(Dataset.from_parquet(path))
+        if lower.endswith(".json"):
+            with open(path, encoding="utf-8") as handle:
+                head = handle.read(4096).lstrip()
+            if head.startswith("["):
+                with open(path, encoding="utf-8") as handle:
+                    try:
+                        data = json.load(handle)
+                    except json.JSONDecodeError as exc:
+                        raise PipoDataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+                return path, list(enumerate(data, start=1))
+        return path, read_jsonl(path)
+    if os.path.isdir(path):
+        from datasets import Dataset, DatasetDict, load_from_disk
+
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json",
+                                                                      "state.json")):
+            raise PipoDataError(f"{path}: a folder, but not one written by datasets' save_to_disk")
+        data = load_from_disk(path)
+        if isinstance(data, DatasetDict):
+            if split not in data:
+                raise PipoDataError(f"{path}: no split {split!r} (splits: {', '.join(data)})")
+            data = data[split]
+        assert isinstance(data, Dataset)
+        return f"{path} [{split}]", _numbered(data)
+    if path.startswith((".", "/", "~")) or lower.endswith((".json", ".jsonl", ".parquet", ".csv")):
+        raise PipoDataError(f"{path}: no such file or folder")
+    from datasets import load_dataset
+
+    data = load_dataset(path, config, split=split)
+    return f"{path} [{split}]", _numbered(data)
+
+
+def _numbered(dataset) -> list[tuple[int, Any]]:
+    return [(i, dict(row)) for i, row in enumerate(dataset, start=1)]
+
+
 def load_records(
     path: str | os.PathLike,
     tokenizer,
@@ -172,13 +225,19 @@ def load_records(
     chat_template_kwargs: dict | None = None,
     pad_token_id: int | None = None,
     progress: bool = True,
+    dataset_config: str | None = None,
+    split: str = "train",
 ) -> list[dict]:
-    """Read and tokenise a JSONL file into `{"prompt_ids", "response_ids", "line"}` records.
+    """Read and tokenise records into `{"prompt_ids", "response_ids", "line"}` records.
+
+    `path` is anything [`read_rows`] reads: a JSONL/JSON/parquet file, a `save_to_disk` folder or a Hub data set id
+    (with `dataset_config` and `split`).
 
     All problems are collected and raised together as one [`PipoDataError`] listing each line number and reason, so
     a file is either fully usable or rejected with a complete report.
     """
-    rows = read_jsonl(path)
+    what, rows = read_rows(path, dataset_config, split)
+    path = what
     iterator: Iterable = rows
     if progress and len(rows) > 1000:
         from tqdm.auto import tqdm
@@ -207,4 +266,4 @@ def load_records(
     return records
 
 
-__all__ = ["PipoDataError", "encode_record", "load_records", "read_jsonl"]
+__all__ = ["PipoDataError", "encode_record", "load_records", "read_jsonl", "read_rows"]

@@ -9,7 +9,7 @@ device/parallel setup comes only from the accelerate config (or flags), never fr
 
 | config | PipoSFTTrainer | PipoOPDTrainer |
 |---|---|---|
-| `cpu` (1 process; what the tests run) | yes | yes |
+| `cpu` (1 process; what the tests run; `--num_processes N`: N gloo processes, train with `--use_cpu true`) | yes | yes |
 | `ddp` (one process per GPU) | yes | yes |
 | `deepspeed-zero2` (the reference setup) | yes | yes (teacher replicated per rank) |
 | `fsdp` (FSDP2, full shard) / `deepspeed-zero3` | yes: every loss is computed inside the model's forward | no: PIPO generation needs the gathered weights (`synced_gpus` is rejected) and the teacher's LM head is applied outside its forward |
@@ -94,6 +94,16 @@ def accelerate_config(kind: str, num_processes: int | None = None) -> str:
         if num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
         lines = [f"num_processes: {num_processes}" if ln.startswith("num_processes:") else ln for ln in text.splitlines()]
+        if kind == "cpu" and num_processes > 1:
+            # accelerate runs a 'NO' config as one process, and its MULTI_CPU type needs mpirun. Several local CPU
+            # processes come from its torchrun launcher (type MULTI_GPU, use_cpu false); the training run's
+            # `--use_cpu true` then makes them one gloo (MULTI_CPU) group.
+            lines = [
+                "# %d CPU processes started by accelerate's torchrun launcher (named MULTI_GPU); run the training "
+                "with --use_cpu true" % num_processes,
+                *("distributed_type: MULTI_GPU" if ln.startswith("distributed_type:") else
+                  "use_cpu: false" if ln.startswith("use_cpu:") else ln for ln in lines),
+            ]
         text = "\n".join(lines) + "\n"
     return text
 

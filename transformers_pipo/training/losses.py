@@ -288,12 +288,28 @@ def chunked_divergence(
     return DivergenceOutput(torch.cat(losses), torch.cat(divs), torch.cat(alphas), torch.cat(used))
 
 
-def teacher_logits_fn(teacher: nn.Module):
+def vocab_rows(model: nn.Module) -> int:
+    """Rows of a model's LM head (its real vocabulary width, which may exceed `config.vocab_size` of the tokenizer)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head).")
+    return int(head.weight.shape[0])
+
+
+def teacher_logits_fn(teacher: nn.Module, vocab_size: int | None = None):
     """A callable `hidden [N, H] -> logits [N, V]` reproducing the teacher's own LM-head post-processing
-    (`logit_scale` multipliers and final logit soft-capping, where the config declares them)."""
+    (`logit_scale` multipliers and final logit soft-capping, where the config declares them).
+
+    With `vocab_size` larger than the teacher's vocabulary (a student whose vocabulary extends the teacher's, e.g.
+    by the PAD that `from_backbone` appended), the missing columns are `-inf`: the teacher gives those ids no mass.
+    """
     head = teacher.get_output_embeddings()
     if head is None:
         raise ValueError(f"teacher {type(teacher).__name__} has no output embeddings (LM head).")
+    rows = int(head.weight.shape[0])
+    if vocab_size is not None and vocab_size < rows:
+        raise ValueError(f"the teacher's vocabulary ({rows}) is larger than the student's ({vocab_size}).")
+    extra = 0 if vocab_size is None else vocab_size - rows
     config = teacher.config.get_text_config()
     scale = getattr(config, "logit_scale", None)
     if scale is None:
@@ -310,6 +326,8 @@ def teacher_logits_fn(teacher: nn.Module):
             logits = logits * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
+        if extra:
+            logits = torch.cat([logits, logits.new_full((*logits.shape[:-1], extra), float("-inf"))], dim=-1)
         return logits
 
     return project
@@ -407,6 +425,13 @@ def opd_loss(
         return OPDLossOutput(zero, zero, zero, zero, nan, nan, nan, nan, empty, empty, empty)
 
     compact, compact_mask, index = compact_pads(input_ids, real & ~is_pad, pad)
+    teacher_rows = vocab_rows(teacher)
+    beyond = compact >= teacher_rows
+    if bool(beyond.any()):
+        if bool((beyond & compact_mask.bool()).any()):
+            bad = int(compact[beyond & compact_mask.bool()][0])
+            raise ValueError(f"token id {bad} is outside the teacher's vocabulary ({teacher_rows} ids).")
+        compact = compact.masked_fill(beyond, 0)  # padding slots of the compacted rows (the PAD id): never attended
     with torch.no_grad():
         teacher_hidden = teacher_hidden_states(teacher, compact, compact_mask)
     t_back, t_mtp = teacher_slots(map_back(teacher_hidden, index))
@@ -422,15 +447,19 @@ def opd_loss(
     valid_b = back_labels != IGNORE_INDEX
     valid_m = mtp_labels != IGNORE_INDEX
 
+    # A teacher whose vocabulary is a prefix of the student's: the student-only ids (the PAD that from_backbone
+    # appended, padding rows) get -inf teacher logits and are removed from both distributions, like the PAD.
+    student_rows = vocab_rows(base)
+    masked = [pad] + [i for i in range(teacher_rows, student_rows) if i != pad]
     common = dict(
         student_head=base.get_output_embeddings(),
-        teacher_head=teacher_logits_fn(teacher),
+        teacher_head=teacher_logits_fn(teacher, vocab_size=student_rows),
         mode=divergence,
         beta=beta,
         topk=topk,
         temperature=temperature,
         chunk_size=chunk_size or config.loss_chunk_size,
-        masked_token_ids=[pad],
+        masked_token_ids=masked,
         generator=generator,
     )
     hb = hidden[:, :-1]
@@ -473,6 +502,7 @@ __all__ = [
     "chunked_divergence",
     "resolve_fill_labels",
     "teacher_logits_fn",
+    "vocab_rows",
     "teacher_hidden_states",
     "opd_loss",
     "OPDLossOutput",

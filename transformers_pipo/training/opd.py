@@ -30,7 +30,7 @@ import torch
 
 from .collator import IGNORE_INDEX, PipoDataCollator
 from .losses import DIVERGENCES, opd_loss
-from .sft import PipoTrainingMixinArguments, _ComponentLogging, load_pipo_model, pipo_base
+from .sft import PipoTrainingMixinArguments, _ComponentLogging, load_pipo_model, pipo_base, prepare_lora_base
 
 with warnings.catch_warnings():
     # trl announces its experimental namespace with a warning on import; the GKD API used here is pinned by tests.
@@ -54,7 +54,9 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
         metadata={"help": "'full' (reverse KL / JSD over the vocabulary), 'topk' (over student∪teacher top-k∪{y}, "
                   "renormalised) or 'sampled' (score-function estimator).", "choices": list(DIVERGENCES)},
     )
-    topk: int = field(default=32, metadata={"help": "K for divergence='topk'."})
+    divergence_topk: int = field(
+        default=32, metadata={"help": "K for divergence='topk' (not to be confused with the rollout's --top_k)."}
+    )
     divergence_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of both softmaxes in the divergence (τ_T)."}
     )
@@ -62,8 +64,8 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
         default=0.95,
         metadata={"help": "Rollout confidence threshold τ: <0 commits every draft, >=1 never drafts (always PAD)."},
     )
-    top_k: int = field(default=0, metadata={"help": "Rollout top-k (0 = off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Rollout top-p (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Rollout sampling top-k (0 = off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Rollout sampling top-p (1.0 = off)."})
     fill_pad_labels: bool = field(
         default=True,
         metadata={"help": "Supervise the MTP and confidence head at PAD draft slots with a label drawn from the "
@@ -97,8 +99,8 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}.")
         if self.divergence == "sampled" and self.beta != 1.0:
             raise ValueError("divergence='sampled' estimates the reverse KL only; set beta=1.0.")
-        if self.topk <= 0:
-            raise ValueError(f"topk must be positive, got {self.topk}.")
+        if self.divergence_topk <= 0:
+            raise ValueError(f"divergence_topk must be positive, got {self.divergence_topk}.")
         if self.divergence_temperature <= 0 or self.temperature <= 0:
             raise ValueError("temperature and divergence_temperature must be positive.")
         if self.max_new_tokens <= 0:
@@ -241,6 +243,8 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
         if args.train_mode == "lora":
             if peft_config is None and not hasattr(model, "peft_config"):
                 peft_config = args.make_lora_config()
+            if not hasattr(model, "peft_config"):
+                prepare_lora_base(model, args.output_dir, processing_class, args.should_save)
         else:
             from .params import configure_trainable
 
@@ -265,6 +269,14 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
         gkd_logger = logging.getLogger("trl.experimental.gkd.gkd_trainer")
         level = gkd_logger.level
         gkd_logger.setLevel(logging.ERROR)
+        if isinstance(teacher_model, str):
+            teacher_model = _load_teacher(teacher_model, args)
+        # trl insists on equal vocab sizes; PIPO also accepts a teacher whose vocabulary is a prefix of the student's
+        # (checked here), so trl's check runs against the student's size and the original is restored afterwards.
+        check_teacher_vocabulary(pipo_base(model), teacher_model, processing_class)
+        teacher_text = teacher_model.config.get_text_config()
+        teacher_vocab = teacher_text.vocab_size
+        teacher_text.vocab_size = pipo_base(model).config.get_text_config().vocab_size
         try:
             super().__init__(
                 model=model,
@@ -280,6 +292,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             )
         finally:
             gkd_logger.setLevel(level)
+            teacher_text.vocab_size = teacher_vocab
         if getattr(self.accelerator.unwrap_model(self.teacher_model).config, "model_type", None) == "pipo":
             raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model.")
         for param in self.teacher_model.parameters():
@@ -376,7 +389,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             inputs["labels"],
             divergence=args.divergence,
             beta=args.beta,
-            topk=args.topk,
+            topk=args.divergence_topk,
             temperature=args.divergence_temperature,
             fill_pad_labels=args.fill_pad_labels,
             mtp_loss_weight=args.mtp_loss_weight,
@@ -411,6 +424,58 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
         return loss.detach(), None, None
 
 
+def _load_teacher(name: str, args: PipoOPDConfig):
+    """Load a teacher given by path/Hub id the way `GKDTrainer` would (`teacher_model_init_kwargs`)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(args.teacher_model_init_kwargs or {})
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    args.teacher_model_init_kwargs = None  # consumed here (GKDTrainer refuses them with an instantiated teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if getattr(teacher.config, "model_type", None) == "pipo":
+        raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model (it scores PAD-free text).")
+    return teacher
+
+
+def check_teacher_vocabulary(student, teacher, tokenizer=None) -> None:
+    """Accept a teacher whose vocabulary is the student's or a prefix of it; refuse anything else, saying what to do.
+
+    A prefix arises when `from_backbone` appended a PAD to the tokenizer: the teacher (same tokenizer, without the
+    PAD) has fewer rows, and the student-only ids get `-inf` teacher logits in the loss (the PAD is never a target).
+    When the teacher folder ships a tokenizer, every teacher token must have the same id in the student's.
+    """
+    from .losses import vocab_rows
+
+    s_rows, t_rows = vocab_rows(student), vocab_rows(teacher)
+    name = getattr(teacher, "name_or_path", "") or type(teacher).__name__
+    if t_rows > s_rows:
+        raise ValueError(
+            f"the teacher {name} has {t_rows} vocabulary rows but the student only {s_rows}: OPD compares both models' "
+            "next-token distributions id by id, so the teacher must use the student's tokenizer. Use a teacher of "
+            "the student's model family, or convert the student (from_backbone) from a backbone with the "
+            "teacher's tokenizer."
+        )
+    if t_rows == s_rows or tokenizer is None or not name or not isinstance(name, str):
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        teacher_tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception:  # noqa: BLE001  (no tokenizer next to the teacher: nothing more to compare)
+        return
+    student_vocab = tokenizer.get_vocab()
+    for token, index in teacher_tokenizer.get_vocab().items():
+        if index < t_rows and student_vocab.get(token) != index:
+            raise ValueError(
+                f"the teacher {name} has {t_rows} vocabulary rows, fewer than the student's {s_rows}, but its "
+                f"tokenizer is not a prefix of the student's (token {token!r} is id {index} for the teacher and "
+                f"{student_vocab.get(token)} for the student). Use a teacher that shares the student's tokenizer."
+            )
+
+
 def _as_dataset(data):
     if data is None or not isinstance(data, list):
         return data
@@ -425,4 +490,5 @@ __all__ = [
     "rollout_rows",
     "sequence_rows",
     "pad_rows",
+    "check_teacher_vocabulary",
 ]

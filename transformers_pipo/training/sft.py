@@ -16,9 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .collator import IGNORE_INDEX, PAD_AUGMENTATIONS, PipoDataCollator
+from .collator import IGNORE_INDEX, PAD_AUGMENTATIONS, IndexedDataset, PipoDataCollator
 from .params import TRAIN_MODES, configure_trainable, count_parameters, lora_config
 
 
@@ -134,6 +134,105 @@ def load_pipo_model(model):
     return model
 
 
+def prepare_lora_base(model, output_dir: str, tokenizer=None, should_save: bool = True) -> str:
+    """Make sure a LoRA run's adapters name a base that loads offline, and return it.
+
+    peft writes `model.name_or_path` as the adapter's `base_model_name_or_path`. A model loaded from a local PIPO
+    folder keeps that folder (made absolute, so the adapter loads from any working directory) and a Hub id is kept;
+    a model that exists only in memory (e.g. fresh from `from_backbone`) is saved to `<output_dir>/base` first.
+    """
+    import json
+    import os
+
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or ""
+    # Keep `name` only when it holds a PIPO config: from_backbone leaves the *backbone's* folder or Hub id there.
+    config_file = os.path.join(name, "config.json") if os.path.isdir(name) else None
+    if config_file is None and name and not os.path.exists(name):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            config_file = cached if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001  (not a valid repo id: treat as in-memory)
+            config_file = None
+    target = None
+    if config_file is not None:
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                if json.load(handle).get("model_type") == "pipo":
+                    target = os.path.abspath(name) if os.path.isdir(name) else name
+        except (OSError, ValueError):
+            target = None
+    if target is None:
+        target = os.path.abspath(os.path.join(output_dir, "base"))
+        if should_save:
+            model.save_pretrained(target)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(target)
+        model.pipo_lora_base_dir = target
+    model.name_or_path = target
+    model.config._name_or_path = target
+    return target
+
+
+def scrub_adapter_card(folder: str) -> None:
+    """Drop a local base path from the README peft writes next to an adapter (`base_model: /home/...` is meaningless
+    on the Hub and leaks the trainer's file system); a Hub id is kept. `adapter_config.json` keeps the path."""
+    import os
+    import re
+
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    local = re.compile(r"^(\s*-?\s*)(base_model(?::adapter)?:)\s*(\S+)\s*$")
+    out = []
+    for line in text.splitlines():
+        match = local.match(line)
+        if match and (os.path.isabs(match.group(3).split(":")[-1]) or os.path.exists(match.group(3))):
+            continue
+        out.append(line)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(out) + "\n")
+
+
+def record_stage(model, stage: str) -> dict:
+    """Append `stage` to the model's training history (`config.pipo_training_stages`, saved in config.json) and to
+    its model card info; returns the card info dict (add e.g. the measured commit rate to it)."""
+    stages = list(getattr(model.config, "pipo_training_stages", None) or []) + [stage]
+    model.config.pipo_training_stages = stages
+    info = dict(getattr(model, "pipo_model_card_info", None) or {})
+    info["training_stages"] = stages
+    model.pipo_model_card_info = info
+    return info
+
+
+@torch.no_grad()
+def measure_commit_rate(model, prompts: list[list[int]], pad_token_id: int, max_new_tokens: int = 64):
+    """`(rate, setting)`: committed drafts / decode steps of greedy PIPO decoding from `prompts` (batch 1 each) at the
+    model's saved τ."""
+    base = pipo_base(model)
+    tau = getattr(base.generation_config, "pipo_confidence_threshold", None)
+    device = next(base.parameters()).device
+    was_training = model.training
+    model.eval()
+    committed = steps = 0
+    try:
+        for prompt in prompts:
+            ids = torch.tensor([prompt], dtype=torch.long, device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                                 return_dict_in_generate=True)
+            committed += int(out.committed_drafts.sum())
+            steps += int(out.decode_steps.sum())
+    finally:
+        model.train(was_training)
+    rate = committed / steps if steps else 0.0
+    setting = f"greedy, τ={tau:g}" if tau is not None else "greedy, default τ"
+    return rate, f"{setting}, {len(prompts)} prompts, up to {max_new_tokens} new tokens"
+
+
 def pipo_base(model):
     """The `PipoForCausalLM` under any peft/accelerate wrapping."""
     while hasattr(model, "module") and not hasattr(model, "embed_pairs"):
@@ -161,6 +260,19 @@ class _ComponentLogging:
         for name, value in zip(names, means.tolist()):
             self._components[mode][name].append(value)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Resume without a false alarm: a tied LM head is not saved (it *is* the embedding), so it is "missing"."""
+        model = self.accelerator.unwrap_model(self.model)
+        by_tensor: dict[int, list[str]] = defaultdict(list)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            by_tensor[id(param)].append(name)
+        missing = set(load_result.missing_keys)
+        tied = {name for names in by_tensor.values() if len(names) > 1 and not set(names) <= missing
+                for name in names if name in missing}
+        if tied:
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
@@ -170,6 +282,16 @@ class _ComponentLogging:
                 logs[f"{prefix}{name}"] = sum(finite) / len(finite)
         self._components[mode].clear()
         super().log(logs, start_time)
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the epoch (part of its augmentation RNG key) at the start of every epoch, resumed or not."""
+
+    def __init__(self, collator: PipoDataCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch + 1e-6) if state.epoch else 0
 
 
 class PipoSFTTrainer(_ComponentLogging, Trainer):
@@ -210,6 +332,8 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         args.remove_unused_columns = False
         if args.train_mode == "lora" and peft_config is None:
             peft_config = args.make_lora_config()
+        if args.train_mode == "lora" and not hasattr(model, "peft_config"):
+            prepare_lora_base(model, args.output_dir, processing_class, args.should_save)
         model = configure_trainable(model, args.train_mode, peft_config)
         if data_collator is None:
             data_collator = PipoDataCollator(
@@ -221,6 +345,12 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
                 min_split_pairs=args.min_split_pairs,
                 mask_response_prefix=args.mask_response_prefix,
             )
+        if isinstance(data_collator, PipoDataCollator) and train_dataset is not None and hasattr(train_dataset,
+                                                                                                   "__getitem__"):
+            # Augmentation keyed by (seed, epoch, record indices): a resumed run repeats an uninterrupted one exactly.
+            train_dataset = IndexedDataset(train_dataset)
+            data_collator.record_seed = args.seed
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _CollatorEpoch(data_collator)]
         super().__init__(
             model=model,
             args=args,
@@ -292,4 +422,13 @@ def save_merged(model, output_dir: str, tokenizer=None):
     return model
 
 
-__all__ = ["PipoSFTConfig", "PipoSFTTrainer", "save_merged", "load_pipo_model"]
+__all__ = [
+    "PipoSFTConfig",
+    "PipoSFTTrainer",
+    "save_merged",
+    "load_pipo_model",
+    "prepare_lora_base",
+    "record_stage",
+    "scrub_adapter_card",
+    "measure_commit_rate",
+]
