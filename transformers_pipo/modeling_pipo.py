@@ -709,7 +709,17 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         `model_card`: extra card fields (training stages, commit rate, ...) merged over `self.pipo_model_card_info`;
         `False` writes no card. A README.md not written by PIPO is never overwritten.
         """
-        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # FSDP2 (`fully_shard`) swaps the instance's class for a generated `FSDP<Name>` subclass defined in torch;
+        # remote-code saving copies the file of `type(self)`, so save as the PIPO class itself (the state dict the
+        # caller passes is already gathered) and the folder ships modeling_pipo.py with a PIPO `auto_map`.
+        sharded_class = type(self)
+        own_class = next(c for c in sharded_class.__mro__ if c.__module__ == PipoForCausalLM.__module__)
+        if own_class is not sharded_class:
+            self.__class__ = own_class
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
         is_main = args[0] if args else kwargs.get("is_main_process", True)
         if is_main and model_card is not False and os.path.isdir(save_directory):
             write_model_card(self, save_directory, model_card if isinstance(model_card, dict) else None)

@@ -21,6 +21,8 @@ chunk, checkpointed) and the OPD divergences (student chunk checkpointed, teache
 
 from __future__ import annotations
 
+import os
+
 ACCELERATE_CONFIGS: dict[str, str] = {
     "cpu": """\
 compute_environment: LOCAL_MACHINE
@@ -85,17 +87,82 @@ deepspeed_config:
 }
 
 
-def accelerate_config(kind: str, num_processes: int | None = None) -> str:
-    """The YAML text of an accelerate config (`kind` in `ACCELERATE_CONFIGS`), optionally with `num_processes`."""
+def accelerate_config(
+    kind: str,
+    num_processes: int | None = None,
+    *,
+    use_cpu: bool = False,
+    mixed_precision: str | None = None,
+) -> str:
+    """The YAML text of an accelerate config (`kind` in `ACCELERATE_CONFIGS`).
+
+    Args:
+        kind: `cpu`, `ddp`, `fsdp`, `deepspeed-zero2` or `deepspeed-zero3`.
+        num_processes: processes to launch (default: the config's own, 8 for the GPU configs, 1 for `cpu`).
+        use_cpu: run the `ddp`/`fsdp` layout on CPU processes (gloo). `cpu` with `num_processes > 1` implies it.
+        mixed_precision: override the config's `mixed_precision` (`no`, `bf16`, `fp16`); CPU configs default to `no`.
+
+    `accelerate launch` starts several local processes (through torchrun) only for GPU-type configs, so a
+    multi-process CPU config keeps `distributed_type: MULTI_GPU` and adds `use_cpu: true`; the trainers then need
+    `use_cpu=True` (`--use_cpu true`) to join a gloo process group. accelerate itself applies FSDP only on GPU-like
+    devices: an `fsdp` config on CPU is refused by the PIPO trainers (see `check_distributed_launch`) instead of
+    silently running as DDP.
+    """
     if kind not in ACCELERATE_CONFIGS:
         raise ValueError(f"unknown accelerate config {kind!r}; choose one of {sorted(ACCELERATE_CONFIGS)}.")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
+    if mixed_precision is not None and mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}.")
+    if use_cpu and kind.startswith("deepspeed"):
+        raise ValueError(f"{kind!r} has no CPU form here: accelerate launches DeepSpeed only on GPUs.")
     text = ACCELERATE_CONFIGS[kind]
+    if kind == "cpu" and num_processes is not None and num_processes > 1:
+        text = ACCELERATE_CONFIGS["ddp"]
+        use_cpu = True
+    replace = {}
     if num_processes is not None:
-        if num_processes < 1:
-            raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
-        lines = [f"num_processes: {num_processes}" if ln.startswith("num_processes:") else ln for ln in text.splitlines()]
-        text = "\n".join(lines) + "\n"
-    return text
+        replace["num_processes"] = str(num_processes)
+    if use_cpu:
+        replace["mixed_precision"] = "'no'" if mixed_precision is None else mixed_precision
+        replace["fsdp_cpu_ram_efficient_loading"] = "false"
+    elif mixed_precision is not None:
+        replace["mixed_precision"] = mixed_precision if mixed_precision != "no" else "'no'"
+    lines = []
+    for line in text.splitlines():
+        key = line.strip().split(":", 1)[0]
+        if use_cpu and key == "gpu_ids":
+            continue
+        if key in replace:
+            line = line[: len(line) - len(line.lstrip())] + f"{key}: {replace[key]}"
+        lines.append(line)
+        if use_cpu and key == "mixed_precision" and line == line.lstrip():
+            lines.append("use_cpu: true  # CPU processes (gloo); pass use_cpu=True / --use_cpu true to the trainer")
+    return "\n".join(lines) + "\n"
 
 
-__all__ = ["ACCELERATE_CONFIGS", "accelerate_config"]
+def check_distributed_launch(accelerator) -> None:
+    """Refuse launches that would silently train something other than what was asked for.
+
+    - Several processes were started (`WORLD_SIZE > 1`) but accelerate runs undistributed: every process would train
+      the whole model alone and write the same outputs (on CPU: the trainer lacks `use_cpu=True`).
+    - An FSDP launch (`ACCELERATE_USE_FSDP`) that accelerate did not turn into FSDP (it does so only on GPU-like
+      devices; on CPU the run would be plain DDP with full replicas).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"{world} processes were launched but accelerate runs each one alone (distributed type "
+            f"{accelerator.distributed_type}); on CPU pass use_cpu=True (--use_cpu true) so the processes join a gloo "
+            "process group."
+        )
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and str(accelerator.distributed_type).split(".")[-1] != "FSDP":
+        raise RuntimeError(
+            f"FSDP was requested but accelerate set up {accelerator.distributed_type}: accelerate applies FSDP only "
+            "on GPU-like devices, so this run would train full replicas (DDP). Use a GPU FSDP launch, or the `ddp` "
+            "config on CPU."
+        )
+
+
+__all__ = ["ACCELERATE_CONFIGS", "accelerate_config", "check_distributed_launch"]

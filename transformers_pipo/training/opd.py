@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .collator import IGNORE_INDEX, PipoDataCollator
+from .launch import check_distributed_launch
 from .losses import DIVERGENCES, opd_loss
 from .sft import PipoTrainingMixinArguments, _ComponentLogging, load_pipo_model, pipo_base
 
@@ -280,6 +281,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             )
         finally:
             gkd_logger.setLevel(level)
+        check_distributed_launch(self.accelerator)
         if getattr(self.accelerator.unwrap_model(self.teacher_model).config, "model_type", None) == "pipo":
             raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model.")
         for param in self.teacher_model.parameters():
