@@ -423,6 +423,12 @@ class PipoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Units `device_map="auto"` never splits (and FSDP's transformer auto-wrap shards as one): each PIPO head runs on a
+    # single device, since its forward concatenates / normalises tensors that must share one. The backbone's decoder
+    # layer class is added from the backbone itself by `post_init`.
+    _no_split_modules = [
+        "PipoLinearCompressor", "PipoMLPCompressor", "PipoGatedCompressor", "PipoMTPHead", "PipoConfidenceHead"
+    ]
     _keep_in_fp32_modules = ["compressor", "confidence_head"]
     # The non-strict list only upcasts under fp16; the strict one also keeps these heads fp32 when loading in bf16,
     # matching from_backbone (which builds them in fp32), so a bf16 save -> load round trip is lossless.
