@@ -169,3 +169,38 @@ def test_fsdp_config_on_cpu_is_refused_not_silently_ddp(workspace):
     proc = _launch(workspace, "fsdp.yaml", workspace / "refused", "--stages", "sft", "--steps", "1")
     assert proc.returncode != 0
     assert "accelerate applies FSDP only on GPU-like devices" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "ddp", "fsdp"])
+def test_multi_process_cpu_configs_parse(tmp_path, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text(accelerate_config(kind, 2, use_cpu=True))
+    config = load_config_from_file(str(path))
+    assert config.num_processes == 2 and config.use_cpu is True and config.mixed_precision == "no"
+    # accelerate launches local CPU ranks through torchrun only for GPU-type distributed types
+    assert str(config.distributed_type).split(".")[-1] == ("FSDP" if kind == "fsdp" else "MULTI_GPU")
+
+
+def test_deepspeed_has_no_cpu_config():
+    with pytest.raises(ValueError, match="accelerate launches DeepSpeed only on GPUs"):
+        accelerate_config("deepspeed-zero2", 2, use_cpu=True)
+
+
+def test_check_distributed_launch_refuses_silent_fallbacks(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from transformers_pipo.training.launch import check_distributed_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    with pytest.raises(RuntimeError, match="pass use_cpu=True"):
+        check_distributed_launch(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+    check_distributed_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="FSDP only on GPU-like devices"):
+        check_distributed_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+    check_distributed_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP))

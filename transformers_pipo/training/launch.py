@@ -7,12 +7,25 @@ device/parallel setup comes only from the accelerate config (or flags), never fr
     accelerate launch --config_file ddp.yaml -m transformers_pipo.cli train sft --model ckpt ...
     accelerate launch --config_file ddp.yaml $(which pipo) train opd --model ckpt --teacher teacher ...
 
-| config | PipoSFTTrainer | PipoOPDTrainer |
-|---|---|---|
-| `cpu` (1 process; what the tests run) | yes | yes |
-| `ddp` (one process per GPU) | yes | yes |
-| `deepspeed-zero2` (the reference setup) | yes | yes (teacher replicated per rank) |
-| `fsdp` (FSDP2, full shard) / `deepspeed-zero3` | yes: every loss is computed inside the model's forward | no: PIPO generation needs the gathered weights (`synced_gpus` is rejected) and the teacher's LM head is applied outside its forward |
+Several CPU processes (gloo): `accelerate_config("cpu", num_processes=2)` and `--use_cpu true` for the trainer.
+
+What was run where (tests/training/test_distributed.py, tests/test_device_map.py; "2 CPU" = 2 processes, gloo,
+per-step losses within 1e-4 of a 1-process run with the same global batch, gathered checkpoints reload and generate
+like the 1-process model):
+
+| mode | PipoSFTTrainer | PipoOPDTrainer | inference |
+|---|---|---|---|
+| `cpu` (1 process) | tested | tested | tested |
+| `ddp` | tested, 2 CPU | tested, 2 CPU; teacher replicated | - |
+| `fsdp` (FSDP2 full shard) | tested, 2 CPU (see below); `FULL_STATE_DICT` checkpoints gathered on save | tested, 2 CPU, rollouts of equal length on every rank; teacher replicated (accelerate prepares it in evaluation mode) | - |
+| `deepspeed-zero2` (the reference setup) | not run here (no GPU; see the GPU notes in README) | not run here; teacher replicated (trl's `prepare_deepspeed` drops it to stage 0) | - |
+| `deepspeed-zero3` | not run here | not run here; rollouts on gathered weights (trl's `unwrap_model_for_generation`), teacher partitioned | - |
+| `from_pretrained(device_map="auto", max_memory=...)` | - | - | tested on CPU + disk offload: PIPO heads never split, output equals the undispatched model's |
+| `from_pretrained(tp_plan="auto")` | not run | not run | tested, 2 CPU: backbone, MTP layer and LM head sharded, output equals the unsharded model's |
+
+accelerate turns a run into FSDP only on GPU-like devices: on CPU an `fsdp` config would silently train full replicas
+(DDP). `check_distributed_launch` (called by both trainers) refuses that, and a launch whose processes did not form a
+process group; the CPU FSDP test lifts exactly that device gate and runs accelerate's own FSDP2 preparation.
 
 Memory at long context is bounded by the chunked LM-head losses: SFT cross-entropies (`loss_chunk_size` tokens per
 chunk, checkpointed) and the OPD divergences (student chunk checkpointed, teacher chunk without gradients), so no
