@@ -18,12 +18,14 @@ like the 1-process model):
 | `cpu` (1 process) | tested | tested | tested |
 | `ddp` | tested, 2 CPU | tested, 2 CPU; teacher replicated | - |
 | `fsdp` (FSDP2 full shard) | tested, 2 CPU (see below); `FULL_STATE_DICT` checkpoints gathered on save | tested, 2 CPU, rollouts of equal length on every rank; teacher replicated (accelerate prepares it in evaluation mode) | - |
-| `deepspeed-zero2` (the reference setup) | not run here (no GPU; see the GPU notes in README) | not run here; teacher replicated (trl's `prepare_deepspeed` drops it to stage 0) | - |
-| `deepspeed-zero3` | not run here | not run here; rollouts on gathered weights (trl's `unwrap_model_for_generation`), teacher partitioned | - |
+| `deepspeed-zero2` (the reference setup) | GPU test only (tests/training/test_distributed_gpu.py) | GPU test only; teacher replicated (trl's `prepare_deepspeed` drops it to stage 0) | - |
+| `deepspeed-zero3` | GPU test only | GPU test only; rollouts on gathered weights (trl's `unwrap_model_for_generation`), teacher partitioned | - |
 | `from_pretrained(device_map="auto", max_memory=...)` | - | - | tested on CPU + disk offload: PIPO heads never split, output equals the undispatched model's |
 | `from_pretrained(tp_plan="auto")` | not run | not run | tested, 2 CPU: backbone, MTP layer and LM head sharded, output equals the unsharded model's |
 
-accelerate turns a run into FSDP only on GPU-like devices: on CPU an `fsdp` config would silently train full replicas
+DeepSpeed cannot run on CPU here: its CPU accelerator does initialise over gloo (after JIT-compiling a shared-memory
+op), but accelerate counts a CPU DeepSpeed launch as one process (each rank would see the whole dataset), and the
+trainers refuse that launch. accelerate turns a run into FSDP only on GPU-like devices: on CPU an `fsdp` config would silently train full replicas
 (DDP). `check_distributed_launch` (called by both trainers) refuses that, and a launch whose processes did not form a
 process group; the CPU FSDP test lifts exactly that device gate and runs accelerate's own FSDP2 preparation.
 
@@ -165,9 +167,10 @@ def check_distributed_launch(accelerator) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and accelerator.num_processes == 1:
         raise RuntimeError(
-            f"{world} processes were launched but accelerate runs each one alone (distributed type "
-            f"{accelerator.distributed_type}); on CPU pass use_cpu=True (--use_cpu true) so the processes join a gloo "
-            "process group."
+            f"{world} processes were launched but accelerate counts one (distributed type "
+            f"{accelerator.distributed_type}), so every process would train on the whole dataset: on CPU pass "
+            "use_cpu=True (--use_cpu true) so the processes join a gloo process group (DeepSpeed on CPU is not "
+            "supported by accelerate)."
         )
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if wants_fsdp and str(accelerator.distributed_type).split(".")[-1] != "FSDP":
