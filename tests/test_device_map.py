@@ -100,7 +100,7 @@ folder, out = sys.argv[1], sys.argv[2]
 model = AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto").eval()
 reference = AutoModelForCausalLM.from_pretrained(folder).eval()
 rank = dist.get_rank()
-sharded = sorted(n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor")
+sharded = sorted(n for n, p in model.named_parameters() if "DTensor" in (type(p).__name__, type(p.data).__name__))
 ids = torch.tensor([[1, 5, 10, 11, 12, 13, 14, 15, 16, 10], [1, 5, 20, 21, 22, 23, 24, 25, 26, 27]])
 with torch.no_grad():
     a, b = reference(input_ids=ids), model(input_ids=ids)

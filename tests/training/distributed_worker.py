@@ -139,9 +139,11 @@ def run_sft(ns, tokenizer, records) -> None:
 
 
 def greedy_full_length_rollout(model, input_ids, **kwargs):
-    """Greedy PIPO rollout of exactly `max_new_tokens` tokens (min == max): deterministic, equal length on every rank."""
+    """Greedy PIPO rollout of exactly `max_new_tokens` tokens (min == max): deterministic, and the same number of
+    decode steps on every rank."""
     kwargs.update(do_sample=False, min_new_tokens=kwargs["max_new_tokens"])
-    kwargs.pop("temperature", None), kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+    for name in ("temperature", "top_k", "top_p"):
+        kwargs.pop(name, None)
     return model.generate(input_ids, **kwargs)
 
 
