@@ -35,6 +35,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--use_cpu", default="true")
     p.add_argument("--hang_timeout", type=float, default=240.0,
                    help="Dump every thread's stack and exit after this many seconds (a hung collective fails fast).")
+    p.add_argument("--shard_teacher", action="store_true", help="PipoOPDConfig.shard_teacher (FSDP2 only).")
     p.add_argument("--cpu_fsdp", action="store_true", help="Apply the FSDP plugin on CPU (see allow_fsdp_on_cpu).")
     return p.parse_args()
 
@@ -118,7 +119,19 @@ def _setup(trainer) -> dict:
             return "zero3-partitioned"
         return "plain"
 
+    def local_fraction(module) -> float | None:
+        """Elements this rank holds / full elements (1.0 for a replica, ~1/world when fully sharded)."""
+        if module is None:
+            return None
+        held = full = 0
+        for p in module.parameters():
+            local = p.to_local() if type(p).__name__ == "DTensor" else p
+            held, full = held + local.numel(), full + p.numel()
+        return held / full
+
     return {
+        "student_local_fraction": local_fraction(trainer.model_wrapped),
+        "teacher_local_fraction": local_fraction(getattr(trainer, "teacher_model", None)),
         "num_processes": acc.num_processes,
         "distributed_type": str(acc.distributed_type).split(".")[-1],
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
@@ -155,6 +168,7 @@ def run_opd(ns, tokenizer, records) -> None:
         max_new_tokens=ns.max_new_tokens,
         pipo_confidence_threshold=-1.0,
         divergence="full",
+        shard_teacher=ns.shard_teacher,
     )
     trainer = PipoOPDTrainer(
         model=os.path.join(ns.workspace, "student"),

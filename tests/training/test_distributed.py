@@ -4,7 +4,7 @@ the same global batch; the gathered checkpoints load as `PipoForCausalLM` and ge
 
 How each mode runs here (see `distributed_worker.py`):
 - DDP: `accelerate_config("cpu", 2)` (torchrun-launched CPU ranks, `use_cpu=True` in the trainer).
-- FSDP: `accelerate_config("fsdp", 2, use_cpu=True)`. accelerate only applies FSDP on GPU-like devices, so the
+- FSDP: `accelerate_config("fsdp", 2, use_cpu=True)`, OPD with `shard_teacher=True` (the teacher sharded too). accelerate only applies FSDP on GPU-like devices, so the
   worker lifts that one gate (`--cpu_fsdp`, test-only) and accelerate's own FSDP2 preparation runs on gloo; without
   it the PIPO trainers refuse the launch instead of silently running DDP (tested too).
 - Rollouts are greedy, exactly `max_new_tokens` long (min == max) with τ < 0, so every rank takes the same number
@@ -108,7 +108,7 @@ def ddp(workspace):
 @pytest.fixture(scope="module")
 def fsdp(workspace):
     out = workspace / "fsdp"
-    _check(_launch(workspace, "fsdp.yaml", out, "--cpu_fsdp"))
+    _check(_launch(workspace, "fsdp.yaml", out, "--cpu_fsdp", "--shard_teacher"))
     return out
 
 
@@ -148,6 +148,7 @@ def test_ddp_two_cpu_processes_match_one_process(single, ddp, stage):
     assert result["setup"]["distributed_type"] == "MULTI_CPU" and result["setup"]["student"] == "ddp"
     if stage == "opd":
         assert result["setup"]["teacher"] == "plain"  # replicated on every rank
+        assert result["setup"]["teacher_local_fraction"] == 1.0
     _assert_same_steps(_result(single, stage), result, COMPARED + (OPD_COMPARED if stage == "opd" else ()))
     _assert_checkpoint_matches(single / stage / "final", ddp / stage / "final")
 
@@ -157,9 +158,11 @@ def test_fsdp2_full_shard_two_cpu_processes_match_one_process(single, fsdp, stag
     result = _result(fsdp, stage)
     assert result["setup"]["num_processes"] == 2 and result["setup"]["backend"] == "gloo"
     assert result["setup"]["distributed_type"] == "FSDP" and result["setup"]["student"] == "fsdp2"
+    assert result["setup"]["student_local_fraction"] < 0.55  # each rank holds about half of the student
     if stage == "opd":
-        # accelerate prepares the teacher in evaluation mode: under FSDP it stays a full replica on each rank.
-        assert result["setup"]["teacher"] == "plain"
+        # shard_teacher=True: the teacher is sharded like the student and stays sharded between steps
+        assert result["setup"]["teacher"] == "fsdp2", result["setup"]
+        assert result["setup"]["teacher_local_fraction"] < 0.55, result["setup"]
     _assert_same_steps(_result(single, stage), result, COMPARED + (OPD_COMPARED if stage == "opd" else ()))
     _assert_checkpoint_matches(single / stage / "final", fsdp / stage / "final")
 
@@ -204,3 +207,15 @@ def test_check_distributed_launch_refuses_silent_fallbacks(monkeypatch):
     with pytest.raises(RuntimeError, match="FSDP only on GPU-like devices"):
         check_distributed_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
     check_distributed_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP))
+
+
+def test_shard_teacher_needs_an_fsdp2_launch(workspace):
+    from transformers import AutoTokenizer
+
+    from transformers_pipo import PipoOPDConfig, PipoOPDTrainer
+
+    args = PipoOPDConfig(output_dir=str(workspace / "x"), shard_teacher=True, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="shard_teacher=True needs an FSDP2 launch"):
+        PipoOPDTrainer(model=str(workspace / "student"), teacher_model=str(workspace / "teacher"), args=args,
+                       train_dataset=[{"prompt_ids": [1, 5, 10, 11]}],
+                       processing_class=AutoTokenizer.from_pretrained(workspace / "student"))

@@ -17,7 +17,7 @@ like the 1-process model):
 |---|---|---|---|
 | `cpu` (1 process) | tested | tested | tested |
 | `ddp` | tested, 2 CPU | tested, 2 CPU; teacher replicated | - |
-| `fsdp` (FSDP2 full shard) | tested, 2 CPU (see below); `FULL_STATE_DICT` checkpoints gathered on save | tested, 2 CPU, rollouts of equal length on every rank; teacher replicated (accelerate prepares it in evaluation mode) | - |
+| `fsdp` (FSDP2 full shard) | tested, 2 CPU (see below); `FULL_STATE_DICT` checkpoints gathered on save | tested, 2 CPU, rollouts of equal length on every rank; teacher sharded with `shard_teacher=True` (tested), else a full replica per rank | - |
 | `deepspeed-zero2` (the reference setup) | GPU test only (tests/training/test_distributed_gpu.py) | GPU test only; teacher replicated (trl's `prepare_deepspeed` drops it to stage 0) | - |
 | `deepspeed-zero3` | GPU test only | GPU test only; rollouts on gathered weights (trl's `unwrap_model_for_generation`), teacher partitioned | - |
 | `from_pretrained(device_map="auto", max_memory=...)` | - | - | tested on CPU + disk offload: PIPO heads never split, output equals the undispatched model's |
