@@ -294,7 +294,8 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
             # The teacher only runs forward under no_grad: each unit gathers its shard in its own forward hook.
-            self.teacher_model = fsdp2_prepare_model(self.accelerator, self.accelerator.unwrap_model(self.teacher_model))
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            self.teacher_model = fsdp2_prepare_model(self.accelerator, teacher)
         if getattr(self.accelerator.unwrap_model(self.teacher_model).config, "model_type", None) == "pipo":
             raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model.")
         for param in self.teacher_model.parameters():

@@ -330,9 +330,8 @@ class PipoMTPHead(nn.Module):
         object.__setattr__(self, "_body", body)  # not a submodule: its children are registered above
         # Tensor parallelism (`tp_plan="auto"`): the MTP layer is sharded like the backbone's layers (transformers
         # gathers a child module's `_tp_plan` under its name, giving `mtp.layers.*` entries).
-        self._tp_plan = {
-            k: v for k, v in (getattr(backbone_config, "base_model_tp_plan", None) or {}).items() if k.startswith("layers.")
-        }
+        backbone_plan = getattr(backbone_config, "base_model_tp_plan", None) or {}
+        self._tp_plan = {k: v for k, v in backbone_plan.items() if k.startswith("layers.")}
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.pre_fc_norm_embedding = make_norm(norm_template, hidden)
         self.pre_fc_norm_hidden = make_norm(norm_template, hidden)
@@ -723,13 +722,13 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         `model_card`: extra card fields (training stages, commit rate, ...) merged over `self.pipo_model_card_info`;
         `False` writes no card. A README.md not written by PIPO is never overwritten.
         """
-        # FSDP2 (`fully_shard`) swaps the instance's class for a generated `FSDP<Name>` subclass defined in torch;
-        # remote-code saving copies the file of `type(self)`, so save as the PIPO class itself (the state dict the
-        # caller passes is already gathered) and the folder ships modeling_pipo.py with a PIPO `auto_map`.
+        # FSDP2 (`fully_shard`) swaps the instance's class for a generated `FSDP<Name>(FSDPModule, <Name>)` defined in
+        # torch; remote-code saving copies the file of `type(self)`, so save as the wrapped class itself (the state
+        # dict the caller passes is already gathered) and the folder ships modeling_pipo.py with a PIPO `auto_map`.
         sharded_class = type(self)
-        own_class = next(c for c in sharded_class.__mro__ if c.__module__ == PipoForCausalLM.__module__)
-        if own_class is not sharded_class:
-            self.__class__ = own_class
+        bases = sharded_class.__bases__
+        if len(bases) == 2 and bases[0].__name__ in ("FSDPModule", "ReplicateModule"):
+            self.__class__ = bases[1]
         try:
             result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
