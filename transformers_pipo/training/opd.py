@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .collator import IGNORE_INDEX, PipoDataCollator
+from .launch import check_distributed_launch
 from .losses import DIVERGENCES, opd_loss
 from .sft import PipoTrainingMixinArguments, _ComponentLogging, load_pipo_model, pipo_base, prepare_lora_base
 
@@ -90,6 +91,12 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
     )
     max_length: int | None = field(
         default=None, metadata={"help": "Right-truncate dataset rows (off-policy steps only) to this many tokens."}
+    )
+    shard_teacher: bool = field(
+        default=False,
+        metadata={"help": "Under FSDP2, shard the teacher like the student (decoder layers + embedding/head units) "
+                  "instead of keeping a full replica on every rank. Under DeepSpeed the stage decides (ZeRO-3 "
+                  "partitions the teacher, ZeRO-2 replicates it)."},
     )
 
     def __post_init__(self):
@@ -293,6 +300,15 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
         finally:
             gkd_logger.setLevel(level)
             teacher_text.vocab_size = teacher_vocab
+        check_distributed_launch(self.accelerator)
+        if args.shard_teacher:
+            if not getattr(self.accelerator, "is_fsdp2", False):
+                raise ValueError("shard_teacher=True needs an FSDP2 launch (e.g. the `fsdp` accelerate config).")
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            # The teacher only runs forward under no_grad: each unit gathers its shard in its own forward hook.
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            self.teacher_model = fsdp2_prepare_model(self.accelerator, teacher)
         if getattr(self.accelerator.unwrap_model(self.teacher_model).config, "model_type", None) == "pipo":
             raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model.")
         for param in self.teacher_model.parameters():
@@ -378,6 +394,16 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
         return (loss, None) if return_outputs else loss
 
     def _opd_loss(self, student, inputs):
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.teacher_model, FSDPModule):
+            # A sharded teacher runs inside its own root forward, so FSDP initialises and gathers it as one tree.
+            return self._forward_redirection(
+                self.teacher_model, self.teacher_model, self._opd_loss_with_teacher, student, inputs
+            )
+        return self._opd_loss_with_teacher(student, inputs)
+
+    def _opd_loss_with_teacher(self, student, inputs):
         args = self.args
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         teacher.eval()

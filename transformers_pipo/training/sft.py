@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .collator import IGNORE_INDEX, PAD_AUGMENTATIONS, IndexedDataset, PipoDataCollator
+from .launch import check_distributed_launch
 from .params import TRAIN_MODES, configure_trainable, count_parameters, lora_config
 
 
@@ -360,6 +361,7 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        check_distributed_launch(self.accelerator)
         self._init_components()
         self.parameter_counts = count_parameters(self.model)
 

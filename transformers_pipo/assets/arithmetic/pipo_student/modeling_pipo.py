@@ -329,6 +329,10 @@ class PipoMTPHead(nn.Module):
         if any(True for _ in body.named_parameters(recurse=False)):
             raise ValueError(f"{type(body).__name__} holds parameters outside submodules; unsupported as MTP body.")
         object.__setattr__(self, "_body", body)  # not a submodule: its children are registered above
+        # Tensor parallelism (`tp_plan="auto"`): the MTP layer is sharded like the backbone's layers (transformers
+        # gathers a child module's `_tp_plan` under its name, giving `mtp.layers.*` entries).
+        backbone_plan = getattr(backbone_config, "base_model_tp_plan", None) or {}
+        self._tp_plan = {k: v for k, v in backbone_plan.items() if k.startswith("layers.")}
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.pre_fc_norm_embedding = make_norm(norm_template, hidden)
         self.pre_fc_norm_hidden = make_norm(norm_template, hidden)
@@ -448,6 +452,10 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
     `forward` is the training computation (spec §2.3); `generate` decodes two tokens per backbone step.
     """
 
+    # Tensor parallelism: the LM head is sharded over the vocabulary and gathers its output (as in the backbones'
+    # own *ForCausalLM); the backbone's plan comes from its config, the MTP layer's from `PipoMTPHead`.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
     def __init__(self, config: PipoConfig):
         super().__init__(config)
         config.require_pad_token()
@@ -463,6 +471,11 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         self.confidence_head = PipoConfidenceHead(hidden, config.confidence_hidden_size or hidden, template)
         embedding_name = next(n for n, m in self.model.named_children() if m is self.model.get_input_embeddings())
         self._tied_weights_keys = {"lm_head.weight": f"model.{embedding_name}.weight"}
+        # Units `device_map="auto"` never splits (and FSDP's transformer auto-wrap shards as one): each PIPO head runs
+        # on one device, since its forward concatenates / normalises tensors that must share one. Only classes present
+        # in this model (FSDP's auto-wrap rejects absent ones); `post_init` adds the backbone's decoder layer class.
+        self._no_split_modules = [type(self.compressor).__name__, type(self.mtp).__name__,
+                                  type(self.confidence_head).__name__]
         self.post_init()
         if self.generation_config is not None:
             # A PIPO generation config of its own: `_from_model_config` would make loading drop the PIPO fields.
@@ -710,7 +723,17 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         `model_card`: extra card fields (training stages, commit rate, ...) merged over `self.pipo_model_card_info`;
         `False` writes no card. A README.md not written by PIPO is never overwritten.
         """
-        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # FSDP2 (`fully_shard`) swaps the instance's class for a generated `FSDP<Name>(FSDPModule, <Name>)` defined in
+        # torch; remote-code saving copies the file of `type(self)`, so save as the wrapped class itself (the state
+        # dict the caller passes is already gathered) and the folder ships modeling_pipo.py with a PIPO `auto_map`.
+        sharded_class = type(self)
+        bases = sharded_class.__bases__
+        if len(bases) == 2 and bases[0].__name__ in ("FSDPModule", "ReplicateModule"):
+            self.__class__ = bases[1]
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
         is_main = args[0] if args else kwargs.get("is_main_process", True)
         if is_main and model_card is not False and os.path.isdir(save_directory):
             write_model_card(self, save_directory, model_card if isinstance(model_card, dict) else None)
