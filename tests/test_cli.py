@@ -228,3 +228,24 @@ print("PAD", tok.pad_token_id)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
     assert "PAD 127" in proc.stdout
+
+
+def test_hub_id_without_a_reachable_hub_fails_fast(monkeypatch, tmp_path, capsys):
+    import transformers_pipo.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cli, "_hub_offline", lambda: False)
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: False)
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    # Instead of about a minute of huggingface_hub retries: one line, at once.
+    assert main(["generate", "--model", "org/some-model", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == (
+        "pipo generate: error: --model org/some-model: no such local folder, and the Hub cannot be reached to look "
+        "it up\n"
+    )
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: True)
+    cli.check_model_path("org/some-model", "--model")  # reachable: left to the Hub (no local verdict)
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: True)
+    cli.check_model_path("org/some-model", "--model")  # cached: loadable offline

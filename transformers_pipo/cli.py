@@ -175,6 +175,45 @@ def check_model_path(value: str | None, flag: str) -> None:
                 hint = f" (did you mean {os.path.join(os.path.dirname(value.rstrip('/')), close[0])}?)"
         why = "" if is_path or not offline else " and the Hub is offline (HF_HUB_OFFLINE)"
         raise UsageError(f"{flag} {value}: no such folder{why}{hint}")
+    if not _in_hub_cache(value) and not _hub_reachable():
+        # Without this, huggingface_hub retries for about a minute before saying the same.
+        raise UsageError(f"{flag} {value}: no such local folder, and the Hub cannot be reached to look it up")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001  (an id the cache cannot even parse is not in it)
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host name resolves (a cheap, bounded probe; no request is sent)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except ImportError:  # pragma: no cover
+        host = "huggingface.co"
+    result: list[bool] = []
+
+    def probe():
+        try:
+            socket.getaddrinfo(host, 443)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0]) if result else True  # undecided within the timeout: let the Hub call try
 
 
 def _hub_offline() -> bool:
