@@ -249,3 +249,14 @@ def test_hub_id_without_a_reachable_hub_fails_fast(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: True)
     cli.check_model_path("org/some-model", "--model")  # cached: loadable offline
+
+
+def test_a_cached_hub_id_passes_the_offline_check(monkeypatch, tmp_path):
+    import transformers_pipo.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_hub_offline", lambda: True)
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: repo_id == "org/cached")
+    cli.check_model_path("org/cached", "--model")
+    with pytest.raises(cli.UsageError, match="org/other: no such folder and the Hub is offline"):
+        cli.check_model_path("org/other", "--model")
