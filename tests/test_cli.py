@@ -149,23 +149,39 @@ def test_user_errors_end_in_one_line_and_exit_2(user_folders):
                       "org/missing-model: no such folder and the Hub is offline")
     assert_user_error(pipo("generate", "--model", "empty", "--prompt", "x", cwd=root),
                       "--model empty: the folder has no config.json")
-    assert_user_error(pipo("train", "sft", "--model", "short", "--dataset_name", "d.jsonl", "--max_stpes", "2",
-                           cwd=root), "pipo train sft: error: unknown option --max_stpes (did you mean --max_steps?)")
-    assert_user_error(pipo("train", "sft", "--model", "short", "--dataset_name", "d.jsonl", cwd=root),
-                      "pipo train sft: error: --dataset_name d.jsonl: no such file or folder")
 
 
-def test_loading_errors_name_the_problem(user_folders):
-    root = user_folders
-    assert_user_error(pipo("generate", "--model", "corrupt", "--prompt", "x", cwd=root),
-                      "corrupt/model.safetensors is not a readable safetensors file")
+def in_process_error(capsys, *args) -> str:
+    """`main(args)` in this process: exit code 2 and the last stderr line (after any progress bars)."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_train_user_errors(user_folders, capsys, monkeypatch):
+    monkeypatch.chdir(user_folders)
+    line = in_process_error(capsys, "train", "sft", "--model", "short", "--dataset_name", "d.jsonl", "--max_stpes", 2)
+    assert line == "pipo train sft: error: unknown option --max_stpes (did you mean --max_steps?)"
+    line = in_process_error(capsys, "train", "sft", "--model", "short", "--dataset_name", "d.jsonl")
+    assert line == "pipo train sft: error: --dataset_name d.jsonl: no such file or folder"
+    line = in_process_error(capsys, "train", "accelerate-config", "cpu", "--num_procs", 2)
+    assert line == "pipo train accelerate-config: error: unknown option --num_procs (did you mean --num_processes?)"
+
+
+def test_loading_errors_name_the_problem(user_folders, capsys, monkeypatch):
+    monkeypatch.chdir(user_folders)
+    line = in_process_error(capsys, "generate", "--model", "corrupt", "--prompt", "x")
+    assert line.startswith("pipo generate: error: corrupt/model.safetensors is not a readable safetensors file")
     prompt = " ".join(["w5"] * 17)
-    assert_user_error(pipo("generate", "--model", "short", "--prompt", prompt, "--max-new-tokens", "2", cwd=root),
-                      "the prompt has 17 tokens but the model holds at most 16 (a PIPO model holds 2 × "
-                      "max_position_embeddings tokens")
+    line = in_process_error(capsys, "generate", "--model", "short", "--prompt", prompt, "--max-new-tokens", 2)
+    assert line == ("pipo generate: error: the prompt has 17 tokens but the model holds at most 16 (a PIPO model holds "
+                    "2 × max_position_embeddings tokens (one position per pair)); shorten the prompt")
+    assert main(["generate", "--model", "short", "--prompt", " ".join(["w5"] * 16), "--max-new-tokens", "1"]) == 0
     # --debug: the traceback is there for whoever wants it.
-    proc = pipo("--debug", "generate", "--model", "corrupt", "--prompt", "x", cwd=root)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    with pytest.raises(Exception, match="(?i)header|deserializ|safetensor"):
+        main(["--debug", "generate", "--model", "corrupt", "--prompt", "x"])
 
 
 def test_quiet_by_default(user_folders):
@@ -212,3 +228,35 @@ print("PAD", tok.pad_token_id)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
     assert "PAD 127" in proc.stdout
+
+
+def test_hub_id_without_a_reachable_hub_fails_fast(monkeypatch, tmp_path, capsys):
+    import transformers_pipo.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cli, "_hub_offline", lambda: False)
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: False)
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    # Instead of about a minute of huggingface_hub retries: one line, at once.
+    assert main(["generate", "--model", "org/some-model", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == (
+        "pipo generate: error: --model org/some-model: no such local folder, and the Hub cannot be reached to look "
+        "it up\n"
+    )
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: True)
+    cli.check_model_path("org/some-model", "--model")  # reachable: left to the Hub (no local verdict)
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: True)
+    cli.check_model_path("org/some-model", "--model")  # cached: loadable offline
+
+
+def test_a_cached_hub_id_passes_the_offline_check(monkeypatch, tmp_path):
+    import transformers_pipo.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_hub_offline", lambda: True)
+    monkeypatch.setattr(cli, "_in_hub_cache", lambda repo_id: repo_id == "org/cached")
+    cli.check_model_path("org/cached", "--model")
+    with pytest.raises(cli.UsageError, match="org/other: no such folder and the Hub is offline"):
+        cli.check_model_path("org/other", "--model")

@@ -151,8 +151,8 @@ def check_model_path(value: str | None, flag: str) -> None:
     """Fail early, without a Hub call, on a model location that cannot be right.
 
     A local folder must hold `config.json` (or a peft `adapter_config.json`); a value that is clearly a path (starts
-    with `.`, `/` or `~`, or its first component is an existing folder) and does not exist is an error, and so is any
-    missing location while the Hub is offline (`HF_HUB_OFFLINE`).
+    with `.`, `/` or `~`, or its first component is an existing folder) and does not exist is an error; a Hub id that
+    is not in the local cache is an error while the Hub is offline (`HF_HUB_OFFLINE`) or its host does not resolve.
     """
     if value is None:
         return
@@ -165,6 +165,8 @@ def check_model_path(value: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {value} is a file; pass the folder that holds config.json")
     first = path.replace("\\", "/").split("/", 1)[0]
     is_path = value.startswith((".", "/", "~")) or (bool(first) and os.path.isdir(first) and "/" in path)
+    if not is_path and _HUB_ID.match(value) and _in_hub_cache(value):
+        return  # a Hub id already downloaded: loads from the cache, offline too
     offline = _hub_offline()
     if is_path or offline or not _HUB_ID.match(value):
         parent = os.path.dirname(os.path.abspath(path))
@@ -175,6 +177,45 @@ def check_model_path(value: str | None, flag: str) -> None:
                 hint = f" (did you mean {os.path.join(os.path.dirname(value.rstrip('/')), close[0])}?)"
         why = "" if is_path or not offline else " and the Hub is offline (HF_HUB_OFFLINE)"
         raise UsageError(f"{flag} {value}: no such folder{why}{hint}")
+    if not _hub_reachable():
+        # Without this, huggingface_hub retries for about a minute before saying the same.
+        raise UsageError(f"{flag} {value}: no such local folder, and the Hub cannot be reached to look it up")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001  (an id the cache cannot even parse is not in it)
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host name resolves (a cheap, bounded probe; no request is sent)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except ImportError:  # pragma: no cover
+        host = "huggingface.co"
+    result: list[bool] = []
+
+    def probe():
+        try:
+            socket.getaddrinfo(host, 443)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0]) if result else True  # undecided within the timeout: let the Hub call try
 
 
 def _hub_offline() -> bool:

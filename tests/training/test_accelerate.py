@@ -93,6 +93,13 @@ def test_opd_two_steps_with_lora_under_accelerate_launch(launched):
     assert (out / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert type(merged).__name__ == "PipoForCausalLM"
+    # The adapter names the PIPO folder it was trained on (absolute), so the standard calls load it.
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((launched["root"] / "student").resolve())
+    adapted = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_cli_rejects_a_non_pipo_model_by_name(workspace, capsys):

@@ -301,5 +301,28 @@ def test_accelerate_config_cpu_with_two_processes(tmp_path):
                            str(tmp_path / "cpu2.yaml"), str(tmp_path / "who.py")], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
-    assert ranks == ["RANK 0 OF 2 gloo", "RANK 1 OF 2 gloo"]
+    import re
+
+    ranks = sorted(re.findall(r"RANK (\d+) OF (\d+) (\w+)", proc.stdout))  # the two processes' lines may interleave
+    assert ranks == [("0", "2", "gloo"), ("1", "2", "gloo")], proc.stdout
+
+
+def test_resume_does_not_warn_about_the_tied_lm_head(tmp_path, monkeypatch):
+    import transformers.trainer
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    from conftest import tiny_pipo
+    from pipo_task import pad_tokenizer
+    from transformers_pipo.training import PipoSFTConfig, PipoSFTTrainer
+
+    model = tiny_pipo("qwen3")  # tied embeddings: the checkpoint holds no lm_head.weight
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    args = PipoSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    trainer = PipoSFTTrainer(model=model, args=args, train_dataset=[{"prompt_ids": [1, 5], "response_ids": [6, 7]}],
+                             processing_class=pad_tokenizer())
+    warnings_logged = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda msg, *a, **k: warnings_logged.append(msg))
+    trainer._issue_warnings_after_load(_IncompatibleKeys(missing_keys=["lm_head.weight"], unexpected_keys=[]))
+    assert warnings_logged == []
+    trainer._issue_warnings_after_load(_IncompatibleKeys(missing_keys=["compressor.mlp.0.weight"], unexpected_keys=[]))
+    assert len(warnings_logged) == 1 and "compressor.mlp.0.weight" in warnings_logged[0]  # real gaps still warn

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     command, rest = args.train_command, list(args.rest)
     if command == "accelerate-config":
         return _accelerate_config(rest)
-    return _train(command, rest)
+    return _train(command, rest, args)
 
 
 def _accelerate_config(rest: list[str]) -> int:
@@ -221,7 +221,7 @@ def _apply_yaml_config(parser, rest: list[str]) -> list[str]:
     return out
 
 
-def _train(command: str, rest: list[str]) -> int:
+def _train(command: str, rest: list[str], args: argparse.Namespace | None = None) -> int:
     from transformers_pipo.cli import UsageError, suggest_options
 
     parser, _, _ = build_train_parser(command)
@@ -234,6 +234,8 @@ def _train(command: str, rest: list[str]) -> int:
         raise UsageError("--model (or --model_name_or_path) is required", prog=parser.prog)
     if not script.dataset_name:
         raise UsageError("--dataset_name (or --train_file) is required", prog=parser.prog)
+    if args is not None:  # where `pipo` looks for a corrupt .safetensors file if loading fails
+        args.model_folders = [script.model, script.tokenizer, getattr(script, "teacher", None)]
     for flag, value in (("--dataset_name", script.dataset_name), ("--eval_file", script.eval_file)):
         _check_data_location(flag, value)
     config.resume_from_checkpoint = _resume_target(config)
