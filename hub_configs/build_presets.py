@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,22 +244,21 @@ def _strip(d: dict) -> dict:
     return d
 
 
-def remote_code_files() -> dict[str, str]:
-    """File name → text of the remote-code modules `auto_map` names, plus every sibling they import with
-    `from .x import y`: found the way `save_pretrained` finds them (transformers' own relative-import scan), read
-    from the package as it is now."""
+def remote_code_files() -> dict[str, Path]:
+    """File name → package file of the remote-code modules `auto_map` names, plus every sibling they import with
+    `from .x import y`: found the way `save_pretrained` finds them (transformers' own relative-import scan)."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
     files = {}
     for entry in AUTO_MAP.values():
         module = PACKAGE / (entry.split(".")[0] + ".py")
         for path in [module, *map(Path, get_relative_import_files(str(module)))]:
-            files[path.name] = path.read_text()
+            files[path.name] = path
     return dict(sorted(files.items()))
 
 
 def render(preset: Preset) -> dict[str, str]:
-    """File name → exact text of the preset folder (configs and remote code)."""
+    """File name → exact text of the preset folder's configs."""
     config = pipo_config(preset).to_dict()
     config["auto_map"] = dict(AUTO_MAP)
     config["architectures"] = list(ARCHITECTURES)
@@ -266,11 +266,21 @@ def render(preset: Preset) -> dict[str, str]:
     return {
         "config.json": json.dumps(_strip(config), indent=2, sort_keys=True) + "\n",
         "generation_config.json": json.dumps(_strip(gen), indent=2, sort_keys=True) + "\n",
-        **remote_code_files(),
     }
 
 
+def _code_link(folder: Path, source: Path) -> str:
+    """Relative symlink target from a preset folder to a package module."""
+    return os.path.relpath(source.resolve(), folder.resolve())
+
+
 def build(out: Path) -> list[Path]:
+    """Write every preset's configs, and link its remote code to the package's modules.
+
+    The code files are symbolic links, not copies: the presets always ship the package's current code, nothing is
+    committed twice, and `AutoConfig.from_pretrained(folder, trust_remote_code=True)` (which copies the files it
+    reads into transformers' module cache) and Hub uploads read the linked files' content.
+    """
     written = []
     for preset in PRESETS:
         folder = out / preset.name
@@ -278,6 +288,12 @@ def build(out: Path) -> list[Path]:
         for name, text in render(preset).items():
             (folder / name).write_text(text)
             written.append(folder / name)
+        for name, source in remote_code_files().items():
+            link = folder / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(_code_link(folder, source))
+            written.append(link)
     return written
 
 
@@ -302,18 +318,25 @@ def _normalised_json(name: str, data: dict) -> dict:
 
 
 def check(out: Path) -> list[str]:
-    """Names of the preset files that are missing or load differently from what `build` would write."""
+    """Names of the preset files that are missing, load differently from what `build` would write, or are not links
+    to the package's remote-code modules."""
     stale = []
+    code = remote_code_files()
     for preset in PRESETS:
+        folder = out / preset.name
         for name, text in render(preset).items():
-            path = out / preset.name / name
+            path = folder / name
             if not path.is_file():
                 stale.append(str(path))
                 continue
             if _normalised(name, path.read_text()) != _normalised(name, text):
                 stale.append(str(path))
-        extra = sorted(p.name for p in (out / preset.name).glob("*.py") if p.name not in render(preset))
-        stale += [f"{out / preset.name / name} (not written by build_presets.py)" for name in extra]
+        for name, source in code.items():
+            path = folder / name
+            if not path.is_symlink() or path.resolve() != source.resolve():
+                stale.append(f"{path} (not a link to {source.name} of the package)")
+        extra = sorted(p.name for p in folder.glob("*.py") if p.name not in code)
+        stale += [f"{folder / name} (not written by build_presets.py)" for name in extra]
     return stale
 
 
