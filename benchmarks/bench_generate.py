@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workload", default="synthetic", choices=["synthetic", "demo"],
                    help="synthetic: the random Qwen3-style model at --short/--long; demo: the embedded demo pair")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--hub-config", default=None,
+                   help="build the random-weight backbone from a PIPO preset folder (e.g. hub_configs/Qwen3-0.6B-PIPO) "
+                        "instead of --layers/--hidden/...")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the static paths (default: transformers' CompileConfig default)")
     p.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/bench_generate*.json)")
@@ -78,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_models(args):
     torch.manual_seed(0)
+    if args.hub_config:
+        return build_hub_models(args)
     config = Qwen3Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -100,6 +105,29 @@ def build_models(args):
         model.generation_config.pad_token_id = args.vocab - 1
         model.generation_config.do_sample = False
     return backbone, pipo, draft
+
+
+def build_hub_models(args):
+    """Random-weight backbone of a preset's architecture (weights never downloaded), its PIPO twin, no draft."""
+    from transformers import AutoConfig
+
+    import transformers_pipo  # noqa: F401  (registers PipoConfig)
+
+    pipo_config = AutoConfig.from_pretrained(args.hub_config)
+    config = pipo_config.get_text_config()
+    config.eos_token_id = None
+    args.vocab = config.vocab_size
+    dtype = getattr(torch, args.dtype)
+    with torch.device(args.device):
+        backbone = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+        twin = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    twin.load_state_dict(backbone.state_dict())
+    pipo = PipoForCausalLM.from_backbone(twin, pad_token_id=pipo_config.pad_token_id).eval()
+    for model in (backbone, pipo):
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = pipo_config.pad_token_id
+        model.generation_config.do_sample = False
+    return backbone, pipo, None
 
 
 def n_params(model) -> int:
@@ -137,8 +165,12 @@ def methods(backbone, pipo, draft, with_baselines: bool, assistant_tokens: int):
 
 
 def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -405,9 +437,7 @@ def measure_compiled(table: dict, prompt, new_tokens: int, repeats: int, bar) ->
     with torch.inference_mode():
         for name, fn in table.items():
             # Warm-up at the full length first, so the 1-token call reuses the same static caches and graphs.
-            start = time.perf_counter()
-            fn(prompt, new_tokens)
-            first = time.perf_counter() - start
+            first = timed(lambda: fn(prompt, new_tokens))
             fn(prompt, 1)
             warm = timed(lambda: fn(prompt, new_tokens))
             out[name]["compile_s"] = max(0.0, first - warm)
@@ -456,7 +486,9 @@ def run_compiled(args) -> int:
         gen = torch.Generator().manual_seed(0)
         prompts = [(label, torch.randint(0, args.vocab - 1, (1, n), generator=gen).to(args.device))
                    for label, n in (("short", args.short), ("long", args.long))]
-        description = "random Qwen3-style model"
+        description = f"random-weight {args.hub_config}" if args.hub_config else "random Qwen3-style model"
+        if args.device != "cpu" and torch.cuda.is_available():
+            description += f" on {torch.cuda.get_device_name()}"
     model_tau = float(pipo.generation_config.pipo_confidence_threshold)
     table = compiled_methods(backbone, pipo, model_tau, args.compile_mode)
     results = {

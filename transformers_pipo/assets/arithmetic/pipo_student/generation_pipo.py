@@ -227,7 +227,8 @@ class _PipoDecodeState:
     def _emit(self, tokens, active, scores, raw_logits) -> None:
         """Append `tokens` to the rows in `active` and update stop flags (EOS, budget, stopping criteria)."""
         if self.want_scores or self.want_logits:
-            self.events.append((self.gen_len.clone(), active.clone(), scores, raw_logits))
+            # Copies: a CUDA-graph step reuses its output buffers on the next replay.
+            self.events.append((self.gen_len.clone(), active.clone(), scores, raw_logits.clone()))
         index = self.gen_len.clamp(max=self.generated.shape[1] - 1).unsqueeze(1)
         current = self.generated.gather(1, index)
         self.generated.scatter_(1, index, torch.where(active.unsqueeze(1), tokens.unsqueeze(1), current))
