@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ def pipo_generate_entry(model, stock_generate, inputs=None, generation_config=No
         return stock_generate(inputs, generation_config, **kwargs)
     if kwargs.get("custom_generate") is None:
         kwargs["custom_generate"] = pipo_generate
+        # `generate` drops `synced_gpus` for a callable custom_generate (HF_NOTES §9.4): it travels as a PIPO kwarg.
+        if "synced_gpus" in kwargs:
+            kwargs["pipo_synced_gpus"] = kwargs.pop("synced_gpus")
         # transformers 5.24 does not forward `streamer` or `tokenizer` to a callable custom_generate (HF_NOTES §3.2),
         # so they travel under PIPO names; stop strings are then turned into a criterion inside the loop.
         if kwargs.get("streamer") is not None:
@@ -173,6 +177,7 @@ class _PipoDecodeState:
         self.conf_count = torch.zeros(self.batch, **long)
         self.active2 = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
         self.backbone_forwards = 0
+        self.done_locally = False
         self.events: list[tuple] = []  # (gen_len before, active mask, scores, raw logits) when requested
 
     # -- the two updates of a step ------------------------------------------------------------------------------------
@@ -292,6 +297,7 @@ def pipo_generate(
     pipo_streamer=None,
     pipo_tokenizer=None,
     pipo_stop_strings=None,
+    pipo_synced_gpus: bool | None = None,
     **model_kwargs,
 ):
     """PIPO decoding loop (spec §3 with the fixes of §4.3/§3.5): see `PipoForCausalLM.generate`.
@@ -308,8 +314,7 @@ def pipo_generate(
     criterion needs the generated ids.
     """
     streamer = pipo_streamer if pipo_streamer is not None else streamer
-    if synced_gpus:
-        raise ValueError("PIPO decoding does not support synced_gpus (ZeRO-3); gather the weights first.")
+    synced_gpus = _resolve_synced_gpus(model, synced_gpus or pipo_synced_gpus)
     if generation_config.num_beams > 1:
         raise ValueError(
             "Beam search is not supported by PIPO decoding (one latent can emit one or two tokens). Use "
@@ -340,15 +345,20 @@ def pipo_generate(
     state = _PipoDecodeState(model, input_ids, attention_mask, generation_config, processors, criteria, streamer)
     run_mtp = tau < 1.0
     n_pairs = max(r.numel() for r in state.prompt_rows) // 2
+    if synced_gpus and generation_config.cache_implementation == "static":
+        # A finished rank keeps stepping until every rank is done, beyond its own budget: no fixed-size cache.
+        logger.warning_once("PIPO generation with synced_gpus uses a dynamic cache (ranks step past their budget).")
+        generation_config = copy.copy(generation_config)
+        generation_config.cache_implementation = None
     cache, mtp_cache, compiled = _prepare_caches(
         model, generation_config, cache, state.batch, n_pairs + max(state.budget, 1), run_mtp
     )
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    if not bool(state.finished.all()):
-        with torch.no_grad():
-            _decode(model, state, cache, mtp_cache, tau, run_mtp, compiled)
+    if synced_gpus or not bool(state.finished.all()):
+        with torch.no_grad(), _gathered_root_params(model, synced_gpus):
+            _decode(model, state, cache, mtp_cache, tau, run_mtp, compiled, synced_gpus)
     if streamer is not None:
         streamer.end()
 
@@ -497,8 +507,13 @@ def _phase2(model, token1: torch.LongTensor, h_last: torch.Tensor, mask, positio
     return confidence, model.lm_head(m_last)[:, 0]
 
 
-def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mtp: bool, compiled) -> None:
-    """Prefill (eager) then the decode loop: phase 1 and phase 2 per step, one stop check per step."""
+def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mtp: bool, compiled,
+            synced_gpus: bool = False) -> None:
+    """Prefill (eager) then the decode loop: phase 1 and phase 2 per step, one stop check per step.
+
+    With `synced_gpus` every rank runs every step (sharded weights are gathered collectively) until all ranks are
+    done; a finished rank's steps change nothing, as all its rows are inactive.
+    """
     pad = state.pad
     batch, device = state.batch, state.device
     prompt = _left_pad(state.prompt_rows, pad)
@@ -516,7 +531,7 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
     h_last = hidden[:, -1:]
     token1 = state.token1(model.lm_head(h_last)[:, 0])
     raw2 = confidence = None
-    if run_mtp and bool(state.active2.any()):  # nobody left to draft for (e.g. max_new_tokens=1): skip phase 2
+    if run_mtp and (synced_gpus or bool(state.active2.any())):  # nobody left to draft for: skip phase 2
         tokens_in = torch.cat([prompt[:, 2::2], token1.unsqueeze(1)], 1)
         mtp_hidden = model.run_mtp(tokens_in, hidden, masks.mtp, positions, cache=mtp_cache, use_cache=True)
         m_last = mtp_hidden[:, -1:]
@@ -527,18 +542,67 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
     # -- decode: steady state, no host sync but the stop check ----------------------------------------------------
     position = positions[:, -1:]
     step = 0
-    while not bool(state.finished.all()):
+    while not _all_done(state, synced_gpus):
         step += 1
         position = position + 1
         masks.advance(n_pairs + step - 1)
         h_last, raw1 = phase1(model, torch.stack([token1, token2], dim=1), masks.backbone, position, cache)
-        state.backbone_forwards += 1
+        state.backbone_forwards += 1 if not state.done_locally else 0
         token1 = state.token1(raw1)
         if run_mtp:  # rows that stopped on token1 are masked out of the update (no sync to skip the phase)
             confidence, raw2 = phase2(model, token1, h_last, masks.mtp, position, mtp_cache)
             token2 = state.token2(raw2, confidence, tau)
         else:
             token2 = state.token2(None, None, tau)
+
+
+def _all_done(state: _PipoDecodeState, synced_gpus: bool) -> bool:
+    """The per-step stop check (the step's one host sync); with `synced_gpus`, done only when every rank is."""
+    state.done_locally = bool(state.finished.all())
+    if not synced_gpus:
+        return state.done_locally
+    import torch.distributed as dist
+
+    flag = torch.tensor(0.0 if state.done_locally else 1.0, device=state.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0.0
+
+
+def _resolve_synced_gpus(model, requested: bool | None) -> bool:
+    """`synced_gpus` as `generate` computes it for its own decoding methods (ZeRO-3 or FSDP, world size > 1)."""
+    if requested is not None:
+        return bool(requested)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    return bool(is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
+
+
+@contextlib.contextmanager
+def _gathered_root_params(model, synced_gpus: bool):
+    """Gather FSDP2's root-level parameters (embeddings, LM head, PIPO heads) for the whole decode.
+
+    PIPO calls submodules (embedding, compressor, LM head, MTP and confidence heads) outside the root `forward`,
+    whose hooks are what gathers FSDP2 parameters; sharded layers wrapped on their own still gather in their hooks.
+    """
+    unshard = getattr(model, "unshard", None) if synced_gpus else None
+    if unshard is None:
+        yield
+        return
+    state = getattr(model, "_get_fsdp_state", lambda: None)()
+    if state is not None:
+        # Root lazy init, as the root forward would do: the layers then reshard after their forward (they would
+        # otherwise each act as a root and keep their parameters gathered).
+        state._lazy_init()
+    unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class _StepMasks:
