@@ -176,7 +176,7 @@ def test_compiled_step_matches_eager_without_recompiles(monkeypatch):
     compiled = model.generate(ids, attention_mask=mask, cache_implementation="static", compile_config=compile_config,
                               **kwargs)
     _assert_same_outputs(eager, compiled)
-    assert len(model._pipo_compiled_steps) == 1
+    assert len(generation_pipo._COMPILED_STEPS[model]) == 1
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames == 2  # phase 1 and phase 2, fullgraph
     other = torch.randint(3, PAD_ID, ids.shape, generator=torch.Generator().manual_seed(3))

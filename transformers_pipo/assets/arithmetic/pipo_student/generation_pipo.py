@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -477,6 +478,10 @@ def _reuse_static(cache, batch: int, latents: int):
     return cache
 
 
+# model -> {compile options: (phase 1, phase 2)}; weak keys, and nothing on the module (deepcopy/pickle stay plain).
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _compiled_steps(model, generation_config):
     """`torch.compile`d phase functions, built once per model and compile config (graphs are shared across calls)."""
     compile_config = generation_config.compile_config
@@ -487,7 +492,7 @@ def _compiled_steps(model, generation_config):
     options = compile_config.to_dict()
     options.pop("_compile_all_devices", None)
     key = repr(sorted(options.items(), key=lambda kv: kv[0]))
-    store = model.__dict__.setdefault("_pipo_compiled_steps", {})
+    store = _COMPILED_STEPS.setdefault(model, {})
     if key not in store:
         store[key] = (torch.compile(_phase1, **options), torch.compile(_phase2, **options))
     return store[key]
