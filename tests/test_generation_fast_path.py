@@ -172,9 +172,10 @@ def test_compiled_step_matches_eager_without_recompiles(monkeypatch):
     kwargs = dict(max_new_tokens=9, do_sample=False, eos_token_id=EOS_ID, pipo_confidence_threshold=0.5,
                   return_dict_in_generate=True)
     torch._dynamo.reset()
-    eager = model.generate(ids, attention_mask=mask, **kwargs)
+    # Compiled first, on a fresh model: nothing eager has run before the graphs are traced.
     compiled = model.generate(ids, attention_mask=mask, cache_implementation="static", compile_config=compile_config,
                               **kwargs)
+    eager = model.generate(ids, attention_mask=mask, **kwargs)
     _assert_same_outputs(eager, compiled)
     assert len(generation_pipo._COMPILED_STEPS[model]) == 1
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]

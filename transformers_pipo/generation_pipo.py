@@ -529,6 +529,8 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
     positions = (pair_mask.cumsum(-1) - 1).clamp(min=0)
     masks = _StepMasks(pair_mask, padded, cache, mtp_cache, n_pairs + max(state.budget, 1))
     phase1, phase2 = compiled if compiled is not None else (_phase1, _phase2)
+    if run_mtp:
+        model.mtp.uses_lean_step()  # resolved once, eagerly: the compiled phase 2 then only reads a cached flag
 
     # -- prefill (eager): backbone over the prompt latents, MTP teacher-forced over the prompt + token1 ----------
     hidden = model.run_backbone(model.embed_pairs(prompt), masks.backbone, positions, cache=cache, use_cache=True)

@@ -385,7 +385,7 @@ class PipoMTPHead(nn.Module):
         the mask from `create_causal_mask`, without the model-level wrappers. Other bodies (learned positions, e.g.
         GPT-2) take the full `forward`.
         """
-        if not self._lean:
+        if not self.uses_lean_step():
             return self.forward(token1_embeds, hidden, attention_mask, position_ids, cache=cache, use_cache=True)
         from transformers.masking_utils import create_causal_mask
 
@@ -397,8 +397,8 @@ class PipoMTPHead(nn.Module):
                                    position_embeddings=position_embeddings)
         return self.norm(out)
 
-    @property
-    def _lean(self) -> bool:
+    def uses_lean_step(self) -> bool:
+        """Whether `decode_step` calls the layer directly (rotary bodies) or the full one-layer forward."""
         import inspect
 
         lean = self.__dict__.get("_lean_cached")
