@@ -161,8 +161,9 @@ def test_user_static_cache_too_small_is_rejected():
 
 
 def test_compiled_step_matches_eager_without_recompiles(monkeypatch):
-    """The compiled two-phase step (CPU: `_compile_all_devices`) is token-identical to eager PIPO on a left-padded
-    batch of 8, compiles at most two graphs and does not recompile on a second call with other prompts."""
+    """The compiled step (CPU: `_compile_all_devices`) is token-identical to eager PIPO on a left-padded batch of 8:
+    one fused graph for plain greedy, two (phase 1, phase 2) with a logits processor; no recompilation on a second
+    call with other prompts."""
     import torch._dynamo
 
     model = tiny_pipo("qwen3")
@@ -178,8 +179,16 @@ def test_compiled_step_matches_eager_without_recompiles(monkeypatch):
     eager = model.generate(ids, attention_mask=mask, **kwargs)
     _assert_same_outputs(eager, compiled)
     assert len(generation_pipo._COMPILED_STEPS[model]) == 1
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert frames == 2  # phase 1 and phase 2, fullgraph
+    # Greedy without processors: one fused graph per step (phase 1, argmax, phase 2).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # A logits processor acts between the phases: two graphs (phase 1, phase 2), still identical to eager.
+    penalised = dict(kwargs, repetition_penalty=1.3)
+    _assert_same_outputs(
+        model.generate(ids, attention_mask=mask, **penalised),
+        model.generate(ids, attention_mask=mask, cache_implementation="static", compile_config=compile_config,
+                       **penalised),
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     other = torch.randint(3, PAD_ID, ids.shape, generator=torch.Generator().manual_seed(3))
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = model.generate(other, attention_mask=mask, cache_implementation="static",

@@ -183,11 +183,12 @@ class _PipoDecodeState:
 
     # -- the two updates of a step ------------------------------------------------------------------------------------
 
-    def token1(self, raw1: torch.Tensor) -> torch.LongTensor:
-        """Phase-1 update: choose and emit token1 for every unfinished row; remembers who may still draft."""
+    def token1(self, raw1: torch.Tensor, chosen: torch.LongTensor | None = None) -> torch.LongTensor:
+        """Phase-1 update: choose (or take the fused step's greedy `chosen`) and emit token1 for every unfinished row;
+        remembers who may still draft."""
         active1 = ~self.finished
         self.steps += active1.long()
-        token1, scores1 = self._choose(raw1)
+        token1, scores1 = self._choose(raw1, chosen)
         self._emit(token1, active1, scores1, raw1)
         self._record_slot(token1, active1)
         self._stream(token1, active1)  # token1 streams before the MTP phase runs
@@ -213,10 +214,18 @@ class _PipoDecodeState:
 
     # -- helpers (only called from the two updates above) --------------------------------------------------------------
 
-    def _choose(self, raw_logits: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing between the phases that needs the host (no processors, sampling or min length)."""
+        return not self.config.do_sample and len(self.processors) == 0 and not (self.min_new > 0 and
+                                                                                  self.eos is not None)
+
+    def _choose(self, raw_logits: torch.Tensor, chosen: torch.LongTensor | None = None):
         """Pick one token per row from raw LM-head logits with transformers' processors; PAD is never chosen."""
         scores = raw_logits.float().clone()
         scores[:, self.pad] = -math.inf
+        if chosen is not None:  # the fused greedy step already took this argmax
+            return chosen, scores
         if self.min_new > 0 and self.eos is not None:
             if self.eos_vocab_mask is None:
                 self.eos_vocab_mask = torch.isin(torch.arange(scores.shape[1], device=self.device), self.eos)
@@ -494,7 +503,7 @@ def _compiled_steps(model, generation_config):
     key = repr(sorted(options.items(), key=lambda kv: kv[0]))
     store = _COMPILED_STEPS.setdefault(model, {})
     if key not in store:
-        store[key] = (torch.compile(_phase1, **options), torch.compile(_phase2, **options))
+        store[key] = tuple(torch.compile(fn, **options) for fn in (_phase1, _phase2, _fused_greedy))
     return store[key]
 
 
@@ -503,6 +512,17 @@ def _phase1(model, pair: torch.LongTensor, mask, position: torch.LongTensor, cac
     hidden = model.run_backbone(model.embed_pairs(pair), mask, position, cache=cache, use_cache=True)
     h_last = hidden[:, -1:]
     return h_last, model.lm_head(h_last)[:, 0]
+
+
+def _fused_greedy(model, pair: torch.LongTensor, bb_mask, mtp_mask, position: torch.LongTensor, cache, mtp_cache,
+                  pad: int):
+    """Phase 1, greedy token1 (PAD suppressed, as `_PipoDecodeState._choose`), phase 2: one graph per step."""
+    h_last, raw1 = _phase1(model, pair, bb_mask, position, cache)
+    scores = raw1.float().clone()
+    scores[:, pad] = -math.inf
+    token1 = scores.argmax(dim=-1)
+    confidence, raw2 = _phase2(model, token1, h_last, mtp_mask, position, mtp_cache)
+    return raw1, token1, confidence, raw2
 
 
 def _phase2(model, token1: torch.LongTensor, h_last: torch.Tensor, mask, position: torch.LongTensor, cache):
@@ -528,7 +548,9 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
     pair_mask = (torch.arange(n_pairs, device=device).unsqueeze(0) >= (n_pairs - lengths).unsqueeze(1)).long()
     positions = (pair_mask.cumsum(-1) - 1).clamp(min=0)
     masks = _StepMasks(pair_mask, padded, cache, mtp_cache, n_pairs + max(state.budget, 1))
-    phase1, phase2 = compiled if compiled is not None else (_phase1, _phase2)
+    phase1, phase2, fused = compiled if compiled is not None else (_phase1, _phase2, None)
+    if not (run_mtp and state.plain_greedy):
+        fused = None  # the host (processors, sampling) acts between the phases: two graphs
     if run_mtp:
         model.mtp.uses_lean_step()  # resolved once, eagerly: the compiled phase 2 then only reads a cached flag
 
@@ -553,7 +575,15 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
         step += 1
         position = position + 1
         masks.advance(n_pairs + step - 1)
-        h_last, raw1 = phase1(model, torch.stack([token1, token2], dim=1), masks.backbone, position, cache)
+        pair = torch.stack([token1, token2], dim=1)
+        if fused is not None:
+            raw1, token1, confidence, raw2 = fused(model, pair, masks.backbone, masks.mtp, position, cache,
+                                                   mtp_cache, pad)
+            state.backbone_forwards += 1 if not state.done_locally else 0
+            token1 = state.token1(raw1, chosen=token1)
+            token2 = state.token2(raw2, confidence, tau)
+            continue
+        h_last, raw1 = phase1(model, pair, masks.backbone, position, cache)
         state.backbone_forwards += 1 if not state.done_locally else 0
         token1 = state.token1(raw1)
         if run_mtp:  # rows that stopped on token1 are masked out of the update (no sync to skip the phase)
