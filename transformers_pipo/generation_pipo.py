@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,9 @@ from transformers.generation.stopping_criteria import (
     StoppingCriteriaList,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.95
 _ASSISTED_KWARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
@@ -83,6 +88,9 @@ def pipo_generate_entry(model, stock_generate, inputs=None, generation_config=No
         return stock_generate(inputs, generation_config, **kwargs)
     if kwargs.get("custom_generate") is None:
         kwargs["custom_generate"] = pipo_generate
+        # `generate` drops `synced_gpus` for a callable custom_generate (HF_NOTES §9.4): it travels as a PIPO kwarg.
+        if "synced_gpus" in kwargs:
+            kwargs["pipo_synced_gpus"] = kwargs.pop("synced_gpus")
         # transformers 5.24 does not forward `streamer` or `tokenizer` to a callable custom_generate (HF_NOTES §3.2),
         # so they travel under PIPO names; stop strings are then turned into a criterion inside the loop.
         if kwargs.get("streamer") is not None:
@@ -116,7 +124,13 @@ def resolve_confidence_threshold(model, generation_config) -> float:
 
 
 class _PipoDecodeState:
-    """Per-row bookkeeping for one PIPO generation: real tokens, raw slots, stop flags and statistics."""
+    """Per-row bookkeeping of one PIPO generation, owned here and updated only by `token1` / `token2`.
+
+    Real tokens, raw slots, stop flags and statistics live in fixed-size device tensors and are updated with dense
+    masked operations (`where`/`scatter`), so a decode step needs no host-device synchronisation. The processor view
+    `seq` (each row's real tokens, right-aligned, PAD on the left) is kept only when logits processors or stopping
+    criteria need it.
+    """
 
     def __init__(self, model, input_ids, attention_mask, generation_config, processors, criteria, streamer):
         self.pad = model.pad_token_id
@@ -138,6 +152,7 @@ class _PipoDecodeState:
         self.out_pad = int(out_pad.reshape(-1)[0]) if out_pad is not None else self.pad
         self.want_scores = bool(generation_config.output_scores)
         self.want_logits = bool(generation_config.output_logits)
+        self.eos_vocab_mask = None  # [V] bool, built on first use (needs the vocabulary size)
 
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -146,74 +161,120 @@ class _PipoDecodeState:
         if any(r.numel() == 0 for r in rows):
             raise ValueError("PIPO generation got an empty prompt; give at least one token per row.")
         # Processor view: each row's real tokens so far, right-aligned (left-padded with PAD).
+        self.needs_seq = len(processors) > 0 or len(criteria) > 0
         self.seq = _left_pad(rows, self.pad)
         self.prompt_rows = [torch.cat([r, r.new_full((1,), self.pad)]) if r.numel() % 2 else r for r in rows]
 
         cap = 2 * (self.budget + 1)
-        self.generated = torch.full((self.batch, max(self.budget, 1)), self.out_pad, dtype=torch.long,
-                                    device=self.device)
-        self.gen_len = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        self.slots = torch.full((self.batch, cap), self.pad, dtype=torch.long, device=self.device)
-        self.slot_len = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        self.finished = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
-        if self.budget == 0:
-            self.finished[:] = True
-        self.committed = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        self.steps = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        long = dict(dtype=torch.long, device=self.device)
+        self.generated = torch.full((self.batch, max(self.budget, 1)), self.out_pad, **long)
+        self.gen_len = torch.zeros(self.batch, **long)
+        self.slots = torch.full((self.batch, cap), self.pad, **long)
+        self.slot_len = torch.zeros(self.batch, **long)
+        self.finished = torch.full((self.batch,), self.budget == 0, dtype=torch.bool, device=self.device)
+        self.committed = torch.zeros(self.batch, **long)
+        self.steps = torch.zeros(self.batch, **long)
         self.conf_sum = torch.zeros(self.batch, dtype=torch.float32, device=self.device)
-        self.conf_count = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.conf_count = torch.zeros(self.batch, **long)
+        self.active2 = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
         self.backbone_forwards = 0
+        self.done_locally = False
         self.events: list[tuple] = []  # (gen_len before, active mask, scores, raw logits) when requested
-        self.rows_idx = torch.arange(self.batch, device=self.device)
 
-    def choose(self, raw_logits: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
+    # -- the two updates of a step ------------------------------------------------------------------------------------
+
+    def token1(self, raw1: torch.Tensor, chosen: torch.LongTensor | None = None) -> torch.LongTensor:
+        """Phase-1 update: choose (or take the fused step's greedy `chosen`) and emit token1 for every unfinished row;
+        remembers who may still draft."""
+        active1 = ~self.finished
+        self.steps += active1.long()
+        token1, scores1 = self._choose(raw1, chosen)
+        self._emit(token1, active1, scores1, raw1)
+        self._record_slot(token1, active1)
+        self._stream(token1, active1)  # token1 streams before the MTP phase runs
+        self.active2 = active1 & ~self.finished
+        return token1
+
+    def token2(self, raw2: torch.Tensor | None, confidence: torch.Tensor | None, tau: float) -> torch.LongTensor:
+        """Phase-2 update: gate and emit the draft (or PAD when there is no draft: `raw2=None`); returns token2."""
+        active2 = self.active2
+        token2 = torch.full_like(active2, self.pad, dtype=torch.long)
+        if raw2 is not None:
+            draft, scores2 = self._choose(raw2)
+            commit = torch.ones_like(active2) if tau < 0 else confidence >= tau
+            emitted2 = active2 & commit
+            self.conf_sum += torch.where(active2, confidence.float(), torch.zeros_like(confidence.float()))
+            self.conf_count += active2.long()
+            self.committed += emitted2.long()
+            token2 = torch.where(commit, draft, token2)
+            self._emit(draft, emitted2, scores2, raw2)
+            self._stream(draft, emitted2)
+        self._record_slot(token2, active2)
+        return token2
+
+    # -- helpers (only called from the two updates above) --------------------------------------------------------------
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing between the phases that needs the host (no processors, sampling or min length)."""
+        return not self.config.do_sample and len(self.processors) == 0 and not (self.min_new > 0 and
+                                                                                  self.eos is not None)
+
+    def _choose(self, raw_logits: torch.Tensor, chosen: torch.LongTensor | None = None):
         """Pick one token per row from raw LM-head logits with transformers' processors; PAD is never chosen."""
         scores = raw_logits.float().clone()
         scores[:, self.pad] = -math.inf
+        if chosen is not None:  # the fused greedy step already took this argmax
+            return chosen, scores
         if self.min_new > 0 and self.eos is not None:
+            if self.eos_vocab_mask is None:
+                self.eos_vocab_mask = torch.isin(torch.arange(scores.shape[1], device=self.device), self.eos)
             early = self.gen_len < self.min_new
-            if bool(early.any()):
-                scores[early.unsqueeze(1) & torch.isin(torch.arange(scores.shape[1], device=self.device),
-                                                       self.eos).unsqueeze(0)] = -math.inf
-        scores = self.processors(self.seq, scores)
+            scores = scores.masked_fill(early.unsqueeze(1) & self.eos_vocab_mask.unsqueeze(0), -math.inf)
+        if len(self.processors) > 0:
+            scores = self.processors(self.seq, scores)
         if self.config.do_sample:
             tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             tokens = scores.argmax(dim=-1)
         return tokens, scores
 
-    def emit(self, tokens, active, scores, raw_logits) -> None:
+    def _emit(self, tokens, active, scores, raw_logits) -> None:
         """Append `tokens` to the rows in `active` and update stop flags (EOS, budget, stopping criteria)."""
-        if not bool(active.any()):
-            return
         if self.want_scores or self.want_logits:
-            self.events.append((self.gen_len.clone(), active.clone(), scores, raw_logits))
-        rows = self.rows_idx[active]
-        self.generated[rows, self.gen_len[active].clamp(max=self.generated.shape[1] - 1)] = tokens[active]
+            # Copies: a CUDA-graph step reuses its output buffers on the next replay.
+            self.events.append((self.gen_len.clone(), active.clone(), scores, raw_logits.clone()))
+        index = self.gen_len.clamp(max=self.generated.shape[1] - 1).unsqueeze(1)
+        current = self.generated.gather(1, index)
+        self.generated.scatter_(1, index, torch.where(active.unsqueeze(1), tokens.unsqueeze(1), current))
         self.gen_len += active.long()
-        if bool(active.all()):
-            self.seq = torch.cat([self.seq, tokens.unsqueeze(1)], dim=1)
-        else:
-            col = torch.where(active, tokens, torch.full_like(tokens, self.pad)).unsqueeze(1)
-            appended = torch.cat([self.seq, col], dim=1)
-            shifted = torch.cat([torch.full_like(col, self.pad), self.seq], dim=1)
-            self.seq = torch.where(active.unsqueeze(1), appended, shifted)
         stop = self.gen_len >= self.budget
         if self.eos is not None:
             stop |= torch.isin(tokens, self.eos)
-        if len(self.criteria) > 0:
-            stop |= self.criteria(self.seq, scores).to(self.device)
+        if self.needs_seq and bool(active.any()):  # processors/criteria read `seq`, whose width is data-dependent
+            if bool(active.all()):
+                self.seq = torch.cat([self.seq, tokens.unsqueeze(1)], dim=1)
+            else:
+                col = torch.where(active, tokens, torch.full_like(tokens, self.pad)).unsqueeze(1)
+                appended = torch.cat([self.seq, col], dim=1)
+                shifted = torch.cat([torch.full_like(col, self.pad), self.seq], dim=1)
+                self.seq = torch.where(active.unsqueeze(1), appended, shifted)
+            if len(self.criteria) > 0:
+                stop |= self.criteria(self.seq, scores).to(self.device)
         self.finished |= active & stop
 
-    def record_slot(self, tokens, active) -> None:
-        if bool(active.any()):
-            self.slots[self.rows_idx[active], self.slot_len[active]] = tokens[active]
-            self.slot_len += active.long()
+    def _record_slot(self, tokens, active) -> None:
+        index = self.slot_len.clamp(max=self.slots.shape[1] - 1).unsqueeze(1)
+        current = self.slots.gather(1, index)
+        self.slots.scatter_(1, index, torch.where(active.unsqueeze(1), tokens.unsqueeze(1), current))
+        self.slot_len += active.long()
 
-    def stream(self, tokens, emitted) -> None:
+    def _stream(self, tokens, emitted) -> None:
         """Hand a just-emitted token to the streamer (batch size 1) as soon as it exists."""
         if self.streamer is not None and bool(emitted[0]):
             self.streamer.put(tokens[:1].cpu())
+
+    # -- results ------------------------------------------------------------------------------------------------------
 
     def sequences(self, input_ids) -> torch.LongTensor:
         width = int(self.gen_len.max()) if self.batch else 0
@@ -226,10 +287,11 @@ class _PipoDecodeState:
         width = int(self.gen_len.max())
         vocab = self.events[0][which].shape[-1]
         out = [torch.full((self.batch, vocab), -math.inf, device=self.device) for _ in range(width)]
+        rows = torch.arange(self.batch, device=self.device)
         for event in self.events:
             before, active = event[0], event[1]
             values = event[which].float()
-            for b in self.rows_idx[active].tolist():
+            for b in rows[active].tolist():
                 out[int(before[b])][b] = values[b]
         return tuple(out)
 
@@ -245,6 +307,7 @@ def pipo_generate(
     pipo_streamer=None,
     pipo_tokenizer=None,
     pipo_stop_strings=None,
+    pipo_synced_gpus: bool | None = None,
     **model_kwargs,
 ):
     """PIPO decoding loop (spec §3 with the fixes of §4.3/§3.5): see `PipoForCausalLM.generate`.
@@ -253,10 +316,15 @@ def pipo_generate(
     teacher-forced over the prompt (filling its cache exactly as in training) plus one position with the sampled
     token1, so the prefill already emits a real, gated token2. Each decode step compresses the last emitted pair,
     runs one backbone step (token1) and, unless τ >= 1, one MTP step (token2, confidence, gate).
+
+    Fast path: `cache_implementation="static"` gives both the backbone (sized in latents) and the MTP layer static
+    caches; the switches that make transformers compile regular decoding (a static cache, `compile_config`,
+    `disable_compile`, see `GenerationMixin._valid_auto_compile_criteria`) then compile the two phases of the decode
+    step. The steady-state step synchronises host and device once (the stop check) when no processor or stopping
+    criterion needs the generated ids.
     """
     streamer = pipo_streamer if pipo_streamer is not None else streamer
-    if synced_gpus:
-        raise ValueError("PIPO decoding does not support synced_gpus (ZeRO-3); gather the weights first.")
+    synced_gpus = _resolve_synced_gpus(model, synced_gpus or pipo_synced_gpus)
     if generation_config.num_beams > 1:
         raise ValueError(
             "Beam search is not supported by PIPO decoding (one latent can emit one or two tokens). Use "
@@ -273,12 +341,6 @@ def pipo_generate(
         model_kwargs.pop(key, None)
     if model_kwargs:
         raise ValueError(f"PIPO generation does not accept the model kwargs {sorted(model_kwargs)}.")
-    if cache is not None and cache.get_seq_length() > 0:
-        raise ValueError("PIPO generation cannot continue from a pre-filled cache; pass the full prompt instead.")
-    if cache is None:
-        from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache(config=model.config.get_text_config())
 
     processors = LogitsProcessorList(
         [p for p in logits_processor if not isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor))]
@@ -291,14 +353,22 @@ def pipo_generate(
             raise ValueError("stop_strings needs the tokenizer: pass tokenizer= to generate().")
         criteria.append(StopStringCriteria(tokenizer=pipo_tokenizer, stop_strings=pipo_stop_strings))
     state = _PipoDecodeState(model, input_ids, attention_mask, generation_config, processors, criteria, streamer)
+    run_mtp = tau < 1.0
+    n_pairs = max(r.numel() for r in state.prompt_rows) // 2
+    if synced_gpus and generation_config.cache_implementation == "static":
+        # A finished rank keeps stepping until every rank is done, beyond its own budget: no fixed-size cache.
+        logger.warning_once("PIPO generation with synced_gpus uses a dynamic cache (ranks step past their budget).")
+        generation_config = copy.copy(generation_config)
+        generation_config.cache_implementation = None
+    cache, mtp_cache, compiled = _prepare_caches(
+        model, generation_config, cache, state.batch, n_pairs + max(state.budget, 1), run_mtp
+    )
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    run_mtp = tau < 1.0
-    mtp_cache = model.new_mtp_cache() if run_mtp else None
 
-    if not bool(state.finished.all()):
-        with torch.no_grad():
-            _decode(model, state, cache, mtp_cache, tau, run_mtp)
+    if synced_gpus or not bool(state.finished.all()):
+        with torch.no_grad(), _gathered_root_params(model, synced_gpus):
+            _decode(model, state, cache, mtp_cache, tau, run_mtp, compiled, synced_gpus)
     if streamer is not None:
         streamer.end()
 
@@ -325,7 +395,150 @@ def pipo_generate(
     )
 
 
-def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mtp: bool) -> None:
+# ----------------------------------------------------------------------------------------------------------------------
+# Caches and the compiled step
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _prepare_caches(model, generation_config, cache, batch: int, latents: int, run_mtp: bool):
+    """Backbone and MTP caches for one call, and the compiled step functions (or None for eager).
+
+    `cache_implementation="static"` builds static caches sized in latents (`latents` = prompt pairs + token budget
+    bounds both the backbone's and the MTP layer's positions); they are kept on the model and reused (reset) by
+    later calls that fit, as transformers does, so compiled graphs keep their shapes. A user-given `StaticCache` is
+    used as the backbone cache. Everything else gets a `DynamicCache`.
+    """
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("PIPO generation cannot continue from a pre-filled cache; pass the full prompt instead.")
+    user_static = isinstance(cache, StaticCache) and generation_config.cache_implementation != "static"
+    want_static = generation_config.cache_implementation == "static" or user_static
+    if want_static:
+        reason = _static_cache_blocker(model)
+        if reason is not None:
+            logger.warning_once(f"PIPO generation falls back to a dynamic cache: {reason}.")
+            want_static = False
+    if not want_static:
+        if cache is None or not isinstance(cache, DynamicCache):
+            cache = DynamicCache(config=model.config.get_text_config())
+        mtp_cache = model.new_mtp_cache() if run_mtp else None
+        return cache, mtp_cache, None
+
+    pool = getattr(model, "_pipo_static_caches", None) or {}
+    if user_static:
+        if cache.get_max_length() < latents:
+            raise ValueError(
+                f"The static cache holds {cache.get_max_length()} positions but this PIPO generation needs up "
+                f"to {latents} latents (prompt pairs + max_new_tokens)."
+            )
+    else:
+        cache = _reuse_static(pool.get("backbone"), batch, latents)
+        if cache is None:
+            cache = StaticCache(config=model.config.get_text_config(), max_cache_len=latents)
+            cache._pipo_capacity = latents
+        else:
+            cache.reset()
+        pool["backbone"] = cache
+    mtp_cache = None
+    if run_mtp:
+        mtp_cache = _reuse_static(pool.get("mtp"), batch, latents)
+        if mtp_cache is None:
+            mtp_cache = model.new_mtp_cache(max_cache_len=latents)
+            mtp_cache._pipo_capacity = latents
+        else:
+            mtp_cache.reset()
+        pool["mtp"] = mtp_cache
+    pool["batch"] = batch
+    model._pipo_static_caches = pool
+    compiled = None
+    if model._valid_auto_compile_criteria({"cache": cache}, generation_config):
+        compiled = _compiled_steps(model, generation_config)
+    return cache, mtp_cache, compiled
+
+
+def _static_cache_blocker(model) -> str | None:
+    """Why the backbone cannot decode with a static cache (None when it can)."""
+    from transformers.cache_utils import StaticCache
+
+    try:
+        probe = StaticCache(config=model.config.get_text_config(), max_cache_len=1)
+    except (ValueError, TypeError, KeyError) as err:
+        return f"{type(model.model).__name__} has no static cache layout ({err})"
+    recurrent = sorted({type(layer).__name__ for layer in probe.layers if not hasattr(layer, "max_cache_len")})
+    if recurrent:
+        # Linear-attention layers (Qwen3.5) carry a recurrent state instead of per-position keys and read the 2D
+        # padding mask by its last columns, so a fixed-width mask over static slots would mask the new position.
+        return (f"{type(model.model).__name__} has recurrent cache layers ({', '.join(recurrent)}) that hold no "
+                "per-position KV slots")
+    if not probe.is_compileable:
+        kinds = sorted({type(layer).__name__ for layer in probe.layers if not layer.is_compileable})
+        return f"{type(model.model).__name__} cache layers {kinds} cannot be static"
+    return None
+
+
+def _reuse_static(cache, batch: int, latents: int):
+    """The kept static cache when it fits this call (same batch, enough positions), else None."""
+    if cache is None or getattr(cache, "_pipo_capacity", 0) < latents:
+        return None
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False) and getattr(layer, "batch_size", batch) != batch:
+            return None
+    return cache
+
+
+# model -> {compile options: (phase 1, phase 2)}; weak keys, and nothing on the module (deepcopy/pickle stay plain).
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_steps(model, generation_config):
+    """`torch.compile`d phase functions, built once per model and compile config (graphs are shared across calls)."""
+    compile_config = generation_config.compile_config
+    if compile_config is None:
+        from transformers.generation.configuration_utils import CompileConfig
+
+        compile_config = CompileConfig()
+    options = compile_config.to_dict()
+    options.pop("_compile_all_devices", None)
+    key = repr(sorted(options.items(), key=lambda kv: kv[0]))
+    store = _COMPILED_STEPS.setdefault(model, {})
+    if key not in store:
+        store[key] = tuple(torch.compile(fn, **options) for fn in (_phase1, _phase2, _fused_greedy))
+    return store[key]
+
+
+def _phase1(model, pair: torch.LongTensor, mask, position: torch.LongTensor, cache):
+    """Compress the last pair, one backbone step, LM head: `(h_last [B, 1, H], token1 logits [B, V])`."""
+    hidden = model.run_backbone(model.embed_pairs(pair), mask, position, cache=cache, use_cache=True)
+    h_last = hidden[:, -1:]
+    return h_last, model.lm_head(h_last)[:, 0]
+
+
+def _fused_greedy(model, pair: torch.LongTensor, bb_mask, mtp_mask, position: torch.LongTensor, cache, mtp_cache,
+                  pad: int):
+    """Phase 1, greedy token1 (PAD suppressed, as `_PipoDecodeState._choose`), phase 2: one graph per step."""
+    h_last, raw1 = _phase1(model, pair, bb_mask, position, cache)
+    scores = raw1.float().clone()
+    scores[:, pad] = -math.inf
+    token1 = scores.argmax(dim=-1)
+    confidence, raw2 = _phase2(model, token1, h_last, mtp_mask, position, mtp_cache)
+    return raw1, token1, confidence, raw2
+
+
+def _phase2(model, token1: torch.LongTensor, h_last: torch.Tensor, mask, position: torch.LongTensor, cache):
+    """One MTP step, confidence, LM head: `(confidence [B], draft logits [B, V])`."""
+    m_last = model.mtp_step(token1.unsqueeze(1), h_last, mask, position, cache)
+    confidence = torch.sigmoid(model.confidence_logits(h_last, m_last))[:, 0]
+    return confidence, model.lm_head(m_last)[:, 0]
+
+
+def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mtp: bool, compiled,
+            synced_gpus: bool = False) -> None:
+    """Prefill (eager) then the decode loop: phase 1 and phase 2 per step, one stop check per step.
+
+    With `synced_gpus` every rank runs every step (sharded weights are gathered collectively) until all ranks are
+    done; a finished rank's steps change nothing, as all its rows are inactive.
+    """
     pad = state.pad
     batch, device = state.batch, state.device
     prompt = _left_pad(state.prompt_rows, pad)
@@ -334,68 +547,143 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
     padded = bool((lengths < n_pairs).any())
     pair_mask = (torch.arange(n_pairs, device=device).unsqueeze(0) >= (n_pairs - lengths).unsqueeze(1)).long()
     positions = (pair_mask.cumsum(-1) - 1).clamp(min=0)
-    bb_mask = pair_mask if padded else None
-    mtp_mask = None
-    if padded:
-        mtp_mask = torch.cat([pair_mask[:, :-1] * pair_mask[:, 1:], pair_mask.new_ones(batch, 1)], dim=1)
+    masks = _StepMasks(pair_mask, padded, cache, mtp_cache, n_pairs + max(state.budget, 1))
+    phase1, phase2, fused = compiled if compiled is not None else (_phase1, _phase2, None)
+    if not (run_mtp and state.plain_greedy):
+        fused = None  # the host (processors, sampling) acts between the phases: two graphs
+    if run_mtp:
+        model.mtp.uses_lean_step()  # resolved once, eagerly: the compiled phase 2 then only reads a cached flag
 
-    # -- prefill -------------------------------------------------------------------------------------------------
-    hidden = model.run_backbone(model.embed_pairs(prompt), bb_mask, positions, cache=cache, use_cache=True)
+    # -- prefill (eager): backbone over the prompt latents, MTP teacher-forced over the prompt + token1 ----------
+    hidden = model.run_backbone(model.embed_pairs(prompt), masks.backbone, positions, cache=cache, use_cache=True)
     state.backbone_forwards += 1
-    last_pos = positions[:, -1:]
-    token1, token2 = _pair_step(
-        model, state, hidden, last_pos, mtp_cache, tau, run_mtp,
-        mtp_tokens=prompt[:, 2::2], mtp_positions=positions, mtp_mask=mtp_mask,
-    )
-
-    # -- decode --------------------------------------------------------------------------------------------------
-    while not bool(state.finished.all()):
-        last_pos = last_pos + 1
-        if bb_mask is not None:
-            bb_mask = torch.cat([bb_mask, bb_mask.new_ones(batch, 1)], dim=1)
-        if mtp_mask is not None:
-            mtp_mask = torch.cat([mtp_mask, mtp_mask.new_ones(batch, 1)], dim=1)
-        latent = model.embed_pairs(torch.stack([token1, token2], dim=1))
-        hidden = model.run_backbone(latent, bb_mask, last_pos, cache=cache, use_cache=True)
-        state.backbone_forwards += 1
-        token1, token2 = _pair_step(
-            model, state, hidden, last_pos, mtp_cache, tau, run_mtp,
-            mtp_tokens=None, mtp_positions=last_pos, mtp_mask=mtp_mask,
-        )
-
-
-def _pair_step(model, state, hidden, last_pos, mtp_cache, tau, run_mtp, mtp_tokens, mtp_positions, mtp_mask):
-    """Emit token1 from the last backbone hidden, then (unless τ >= 1) the gated MTP draft. Returns the new pair."""
-    pad = state.pad
-    active1 = ~state.finished
-    state.steps += active1.long()
     h_last = hidden[:, -1:]
-    raw1 = model.lm_head(h_last)[:, 0]
-    token1, scores1 = state.choose(raw1)
-    state.emit(token1, active1, scores1, raw1)
-    state.record_slot(token1, active1)
-    state.stream(token1, active1)  # token1 streams before the MTP phase runs
-
-    token2 = torch.full_like(token1, pad)
-    active2 = active1 & ~state.finished
-    if run_mtp and bool(active2.any()):  # nobody left to draft for (e.g. max_new_tokens=1): skip phase 2
-        tokens_in = token1.unsqueeze(1) if mtp_tokens is None else torch.cat([mtp_tokens, token1.unsqueeze(1)], 1)
-        hidden_in = h_last if mtp_tokens is None else hidden
-        mtp_hidden = model.run_mtp(tokens_in, hidden_in, mtp_mask, mtp_positions, cache=mtp_cache, use_cache=True)
+    token1 = state.token1(model.lm_head(h_last)[:, 0])
+    raw2 = confidence = None
+    if run_mtp and (synced_gpus or bool(state.active2.any())):  # nobody left to draft for: skip phase 2
+        tokens_in = torch.cat([prompt[:, 2::2], token1.unsqueeze(1)], 1)
+        mtp_hidden = model.run_mtp(tokens_in, hidden, masks.mtp, positions, cache=mtp_cache, use_cache=True)
         m_last = mtp_hidden[:, -1:]
         confidence = torch.sigmoid(model.confidence_logits(h_last, m_last))[:, 0]
         raw2 = model.lm_head(m_last)[:, 0]
-        draft, scores2 = state.choose(raw2)
-        commit = torch.ones_like(active2) if tau < 0 else confidence >= tau
-        emitted2 = active2 & commit
-        state.conf_sum += torch.where(active2, confidence.float(), torch.zeros_like(confidence.float()))
-        state.conf_count += active2.long()
-        state.committed += emitted2.long()
-        token2 = torch.where(commit, draft, token2)
-        state.emit(draft, emitted2, scores2, raw2)
-        state.stream(draft, emitted2)
-    state.record_slot(token2, active2)
-    return token1, token2
+    token2 = state.token2(raw2, confidence, tau)
+
+    # -- decode: steady state, no host sync but the stop check ----------------------------------------------------
+    position = positions[:, -1:]
+    step = 0
+    while not _all_done(state, synced_gpus):
+        step += 1
+        position = position + 1
+        masks.advance(n_pairs + step - 1)
+        pair = torch.stack([token1, token2], dim=1)
+        if fused is not None:
+            raw1, token1, confidence, raw2 = fused(model, pair, masks.backbone, masks.mtp, position, cache,
+                                                   mtp_cache, pad)
+            state.backbone_forwards += 1 if not state.done_locally else 0
+            token1 = state.token1(raw1, chosen=token1)
+            token2 = state.token2(raw2, confidence, tau)
+            continue
+        h_last, raw1 = phase1(model, pair, masks.backbone, position, cache)
+        state.backbone_forwards += 1 if not state.done_locally else 0
+        token1 = state.token1(raw1)
+        if run_mtp:  # rows that stopped on token1 are masked out of the update (no sync to skip the phase)
+            confidence, raw2 = phase2(model, token1, h_last, masks.mtp, position, mtp_cache)
+            token2 = state.token2(raw2, confidence, tau)
+        else:
+            token2 = state.token2(None, None, tau)
+
+
+def _all_done(state: _PipoDecodeState, synced_gpus: bool) -> bool:
+    """The per-step stop check (the step's one host sync); with `synced_gpus`, done only when every rank is."""
+    state.done_locally = bool(state.finished.all())
+    if not synced_gpus:
+        return state.done_locally
+    import torch.distributed as dist
+
+    flag = torch.tensor(0.0 if state.done_locally else 1.0, device=state.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0.0
+
+
+def _resolve_synced_gpus(model, requested: bool | None) -> bool:
+    """`synced_gpus` as `generate` computes it for its own decoding methods (ZeRO-3 or FSDP, world size > 1)."""
+    if requested is not None:
+        return bool(requested)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    return bool(is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
+
+
+@contextlib.contextmanager
+def _gathered_root_params(model, synced_gpus: bool):
+    """Gather FSDP2's root-level parameters (embeddings, LM head, PIPO heads) for the whole decode.
+
+    PIPO calls submodules (embedding, compressor, LM head, MTP and confidence heads) outside the root `forward`,
+    whose hooks are what gathers FSDP2 parameters; sharded layers wrapped on their own still gather in their hooks.
+    """
+    unshard = getattr(model, "unshard", None) if synced_gpus else None
+    if unshard is None:
+        yield
+        return
+    state = getattr(model, "_get_fsdp_state", lambda: None)()
+    if state is not None:
+        # Root lazy init, as the root forward would do: the layers then reshard after their forward (they would
+        # otherwise each act as a root and keep their parameters gathered).
+        state._lazy_init()
+    unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+class _StepMasks:
+    """2D padding masks of the backbone and MTP caches.
+
+    Unpadded batches need none. With left padding the dynamic path grows them by one column per step; the static
+    path keeps full-length buffers (one column per cache slot) and switches a column on per step, so the compiled
+    step always sees the same shapes.
+    """
+
+    def __init__(self, pair_mask: torch.LongTensor, padded: bool, cache, mtp_cache, latents: int):
+        self.static = getattr(cache, "is_compileable", False) and not _is_dynamic(cache)
+        self.backbone = self.mtp = None
+        if not padded:
+            return
+        batch, n_pairs = pair_mask.shape
+        mtp_prompt = torch.cat([pair_mask[:, :-1] * pair_mask[:, 1:], pair_mask.new_ones(batch, 1)], dim=1)
+        if not self.static:
+            self.backbone, self.mtp = pair_mask, mtp_prompt
+            return
+        # Absolute cache positions (sliding layers index the same 2D mask); kept caches fix the width across calls.
+        self.backbone = pair_mask.new_zeros(batch, max(latents, getattr(cache, "_pipo_capacity", 0)))
+        self.backbone[:, :n_pairs] = pair_mask
+        if mtp_cache is not None:
+            self.mtp = pair_mask.new_zeros(batch, max(latents, getattr(mtp_cache, "_pipo_capacity", 0)))
+            self.mtp[:, :n_pairs] = mtp_prompt
+
+    def advance(self, slot: int) -> None:
+        """Make cache slot `slot` (the position the next step writes) visible."""
+        if self.backbone is None:
+            return
+        if self.static:
+            self.backbone[:, slot] = 1
+            if self.mtp is not None:
+                self.mtp[:, slot] = 1
+            return
+        self.backbone = torch.cat([self.backbone, self.backbone.new_ones(self.backbone.shape[0], 1)], dim=1)
+        self.mtp = torch.cat([self.mtp, self.mtp.new_ones(self.mtp.shape[0], 1)], dim=1)
+
+
+def _is_dynamic(cache) -> bool:
+    from transformers.cache_utils import DynamicCache
+
+    return isinstance(cache, DynamicCache)
 
 
 def _left_pad(rows: list[torch.Tensor], pad: int) -> torch.LongTensor:

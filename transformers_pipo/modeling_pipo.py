@@ -375,6 +375,49 @@ class PipoMTPHead(nn.Module):
         )
         return out.last_hidden_state
 
+    def decode_step(
+        self,
+        token1_embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache,
+    ) -> torch.Tensor:
+        """One cached decode position, calling the decoder layer directly (no one-layer model forward).
+
+        Same computation as `forward` for bodies whose forward is `rotary embedding -> layers -> norm` (every
+        rotary backbone: Llama, Mistral, Qwen2/3/3.5, ...): the layer gets its cache, its position embeddings and
+        the mask from `create_causal_mask`, without the model-level wrappers. Other bodies (learned positions, e.g.
+        GPT-2) take the full `forward`.
+        """
+        if not self.uses_lean_step():
+            return self.forward(token1_embeds, hidden, attention_mask, position_ids, cache=cache, use_cache=True)
+        from transformers.masking_utils import create_causal_mask
+
+        u = self.fc(torch.cat([self.pre_fc_norm_embedding(token1_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        mask = create_causal_mask(config=self.body_config, inputs_embeds=u, attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids)
+        position_embeddings = self.rotary_emb(u, position_ids)
+        out = self.decoder_layer()(u, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+                                   position_embeddings=position_embeddings)
+        return self.norm(out)
+
+    def uses_lean_step(self) -> bool:
+        """Whether `decode_step` calls the layer directly (rotary bodies) or the full one-layer forward."""
+        import inspect
+
+        lean = self.__dict__.get("_lean_cached")
+        if lean is None:
+            layer = self.decoder_layer()
+            lean = (
+                isinstance(getattr(self, "rotary_emb", None), nn.Module)
+                and isinstance(getattr(self, "norm", None), nn.Module)
+                and "position_embeddings" in inspect.signature(layer.forward).parameters
+                and getattr(self.body_config, "layer_types", ["full_attention"])[0] == "full_attention"
+            )
+            self.__dict__["_lean_cached"] = lean
+        return lean
+
 
 class PipoConfidenceHead(nn.Module):
     """`norm(2H) → Linear(2H, Hc, no bias) → SiLU → Linear(Hc, 1, no bias)` on `[h; m]`; gives a draft logit."""
@@ -562,9 +605,25 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
             hidden, mtp_hidden = hidden.detach(), mtp_hidden.detach()
         return self.confidence_head(hidden, mtp_hidden).float()
 
-    def new_mtp_cache(self) -> DynamicCache:
-        """A fresh cache for the MTP layer (independent of the backbone cache)."""
-        return DynamicCache(config=self.mtp.body_config)
+    def mtp_step(
+        self,
+        token1: torch.LongTensor,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache,
+    ) -> torch.Tensor:
+        """One cached MTP decode position (`token1` `[B, 1]`, `hidden` `[B, 1, H]`); same result as `run_mtp`."""
+        return self.mtp.decode_step(self.get_input_embeddings()(token1), hidden, attention_mask, position_ids, cache)
+
+    def new_mtp_cache(self, max_cache_len: int | None = None) -> Cache:
+        """A fresh cache for the MTP layer (independent of the backbone cache): dynamic, or static with
+        `max_cache_len` positions."""
+        if max_cache_len is None:
+            return DynamicCache(config=self.mtp.body_config)
+        from transformers.cache_utils import StaticCache
+
+        return StaticCache(config=self.mtp.body_config, max_cache_len=max_cache_len)
 
     # -- training forward -----------------------------------------------------------------------------------------------
 

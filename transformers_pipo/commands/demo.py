@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._fast_path import add_fast_path_argument, apply_fast_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--pipo-model", default=None, help="PIPO model folder (default: the embedded one).")
     parser.add_argument("--base-model", default=None, help="Baseline model folder (default: the embedded one).")
+    add_fast_path_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"pipo demo: {err}", file=sys.stderr)
         return 1
+    fast_path = apply_fast_path(models[:2], args.fast_path)  # the same path for PIPO and the regular baseline
 
     def progress(items):
         return tqdm(items, desc="solving", unit="problem", file=sys.stderr, disable=None)
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     s = report["summary"]
     width = max(len(r["pipo"].expression) for r in report["problems"]) + 2
-    print(f"PIPO student (τ = {report['threshold']}) vs its base model with regular decoding, greedy, batch 1\n")
+    print(f"PIPO student (τ = {report['threshold']}) vs its base model with regular decoding, greedy, batch 1, "
+          f"{fast_path} decoding path\n")
     print(f"{'problem':<{width}} {'expected':>10}   {'PIPO':>10}     {'regular':>10}")
     for r in report["problems"]:
         p, b = r["pipo"], r["regular"]

@@ -7,6 +7,7 @@ import sys
 import time
 
 from transformers_pipo.cli import check_prompt_length, positive_int
+from ._fast_path import add_fast_path_argument, apply_fast_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--regular", action="store_true", help="Decode token by token (pipo_decoding=False).")
     parser.add_argument("--raw", action="store_true", help="Use --prompt verbatim (no '\\n' unescaping).")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow remote code for Hub checkpoints.")
+    add_fast_path_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=args.trust_remote_code).eval()
     is_pipo = getattr(model.config, "model_type", None) == "pipo"
+    apply_fast_path([model], "eager" if args.regular else args.fast_path)  # the token-level fallback has no cache
     if not is_pipo:
         print(f"pipo generate: {path} is not a PIPO checkpoint; decoding it token by token.", file=sys.stderr)
 
