@@ -394,7 +394,7 @@ class HostSyncCounter:
 
 
 def compile_config(mode: str | None):
-    """transformers' CompileConfig with `_compile_all_devices` (needed to compile on CPU, HF_NOTES-style switch)."""
+    """transformers' CompileConfig with `_compile_all_devices` (transformers compiles only on CUDA-like devices without it)."""
     from transformers.generation.configuration_utils import CompileConfig
 
     config = CompileConfig() if mode is None else CompileConfig(mode=mode)

@@ -37,7 +37,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_pipo.PipoForCausalLM",
 }
 ARCHITECTURES = ["PipoForCausalLM"]
-DEFAULT_TAU = 0.95  # the evaluation default of the reference (spec §3.3)
+DEFAULT_TAU = 0.95  # the evaluation default of the reference (DESIGN §3.3)
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _qwen35(hidden, intermediate, tie):
 # unknown field, so presence_penalty is left to the serving engine (see README.md).
 QWEN35_GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 20}
 QWEN35_PRESENCE_PENALTY = 1.5
-QWEN35_PAD = 248044  # hard-coded PAD of the reference implementation (spec §1.1)
+QWEN35_PAD = 248044  # hard-coded PAD of the reference implementation (DESIGN §1.1)
 
 PRESETS = [
     Preset("Qwen3-0.6B-PIPO", "Qwen/Qwen3-0.6B", "qwen3", _qwen3(1024, 3072, 28, 16, 8), QWEN3_PAD,

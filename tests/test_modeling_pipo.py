@@ -1,4 +1,4 @@
-"""PipoForCausalLM core (issue 2): from_backbone init, exact spec §2.3 indexing against an independent oracle,
+"""PipoForCausalLM core (issue 2): from_backbone init, exact DESIGN §2.3 indexing against an independent oracle,
 parity rules, batch equivalence, chunked losses, gradients and input errors."""
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def test_mtp_layer_is_copy_of_last_full_attention_layer(family):
     assert mtp_cfg.num_hidden_layers == 1
     assert getattr(mtp_cfg, "sliding_window", None) is None
     assert getattr(mtp_cfg, "layer_types", None) in (None, ["full_attention"])
-    # mtp.fc starts as [0 | I] (hidden only), spec §1.5.
+    # mtp.fc starts as [0 | I] (hidden only), DESIGN §1.5.
     h = model.config.hidden_size
     assert torch.equal(model.mtp.fc.weight, torch.cat([torch.zeros(h, h), torch.eye(h)], dim=1))
 
@@ -337,7 +337,7 @@ def test_native_mtp_requested_but_absent(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Exact indexing (spec §2.3) against an independent oracle
+# Exact indexing (DESIGN §2.3) against an independent oracle
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -441,7 +441,7 @@ def test_losses_without_any_label_are_zero_but_attached():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parity rules (spec §1.2)
+# Parity rules (DESIGN §1.2)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

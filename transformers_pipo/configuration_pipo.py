@@ -48,7 +48,7 @@ class PipoConfig(PreTrainedConfig):
         confidence_hidden_size (`int`, *optional*):
             Width of the confidence head's hidden layer; defaults to the backbone hidden size.
         detach_confidence_inputs (`bool`, defaults to `True`):
-            Stop the confidence loss from flowing into the backbone and MTP (spec §1.6).
+            Stop the confidence loss from flowing into the backbone and MTP (DESIGN §1.6).
         mtp_loss_weight / confidence_loss_weight (`float`, default 1.0):
             Weights of the MTP cross-entropy and the confidence BCE in the training loss.
         loss_chunk_size (`int`, defaults to 2048):
@@ -83,7 +83,7 @@ class PipoConfig(PreTrainedConfig):
             # A composite (e.g. vision-language) config: PIPO wraps its text decoder only.
             self.backbone_config = backbone = text
         if getattr(backbone, "tie_word_embeddings", False):
-            # Tying is read from the top config (HF_NOTES §0), so mirror the backbone's choice.
+            # Tying is read from the top config (DESIGN §5.2), so mirror the backbone's choice.
             self.tie_word_embeddings = True
         self.validate_pipo()
 

@@ -75,7 +75,7 @@ class PipoCausalLMOutput(ModelOutput):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parity rules (spec §1.2)
+# Parity rules (DESIGN §1.2)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -492,7 +492,7 @@ class PipoPreTrainedModel(PreTrainedModel):
 class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
     """A decoder backbone wrapped with PIPO's compressor, MTP head and confidence head.
 
-    `forward` is the training computation (spec §2.3); `generate` decodes two tokens per backbone step.
+    `forward` is the training computation (DESIGN §2.3); `generate` decodes two tokens per backbone step.
     """
 
     # Tensor parallelism: the LM head is sharded over the vocabulary and gathers its output (as in the backbones'
@@ -639,7 +639,7 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         mtp_cache: Cache | None = None,
         **kwargs,
     ) -> PipoCausalLMOutput:
-        r"""Training computation of spec §2.3 over token ids.
+        r"""Training computation of DESIGN §2.3 over token ids.
 
         Args:
             input_ids: `[B, T]` token ids. Odd rows and odd prompt/response boundaries are fixed with PAD.
@@ -730,7 +730,7 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         """Backbone CE (target `labels[2j+2]`), MTP CE (target `labels[2j+3]`) and confidence BCE.
 
         Each is a mean over its own labelled positions (zero, still attached to the graph, when there are none).
-        The BCE target is `p_MTP(gold)` taken from the MTP cross-entropy, detached. PAD is never a target (spec
+        The BCE target is `p_MTP(gold)` taken from the MTP cross-entropy, detached. PAD is never a target (DESIGN
         §1.1): labels equal to the PAD id are ignored, so no head learns to emit PAD.
         """
         labels = labels.masked_fill(labels == self.pad_token_id, IGNORE_INDEX)
@@ -924,7 +924,7 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         pipo.generation_config.pad_token_id = pad_token_id
         pipo.generation_config.eos_token_id = layout.generation_eos
         if pipo.generation_config.do_sample is None:
-            # An explicit value stops pipeline() from injecting its sampling defaults (HF_NOTES §4).
+            # An explicit value stops pipeline() from injecting its sampling defaults (DESIGN §5.4).
             pipo.generation_config.do_sample = False
         pipo.generation_config.pipo_confidence_threshold = confidence_threshold
         pipo.config.name_or_path = getattr(causal_lm.config, "name_or_path", "")
@@ -1080,7 +1080,7 @@ def native_mtp_state_dict(path: str) -> dict[str, torch.Tensor] | None:
 
 
 def _init_mtp_from_backbone(pipo: PipoForCausalLM, body: nn.Module, scheme: str, native: dict | None) -> None:
-    """Initialise the MTP decoder layer (and its final norm / position tables) from the backbone (spec §1.5)."""
+    """Initialise the MTP decoder layer (and its final norm / position tables) from the backbone (DESIGN §1.5)."""
     mtp = pipo.mtp
     if scheme == "native":
         result = mtp.load_state_dict(native, strict=False)

@@ -1,6 +1,6 @@
 """`pipo convert-reference`: a synthetic checkpoint in exactly the authors' layout converts losslessly.
 
-The reference checkpoint is built by hand from raw random tensors (spec §6.1 key names and shapes, Qwen3.5 gated
+The reference checkpoint is built by hand from raw random tensors (DESIGN §6.1 key names and shapes, Qwen3.5 gated
 `q_proj` of `2·heads·head_dim` rows, a reference-style config.json). After conversion our model's token1, token2
 and confidence outputs are compared with a computation done here directly from those raw tensors: the backbone
 through a stock `Qwen3_5ForCausalLM` loaded with the raw backbone tensors, the compressor, the MTP layer (gated
@@ -38,7 +38,7 @@ def text_config(tied: bool) -> Qwen3_5TextConfig:
 
 
 def mtp_shapes() -> dict[str, tuple[int, ...]]:
-    """The 15 `mtp.*` tensors of a dense Qwen3.5 MTP module (spec §6.1)."""
+    """The 15 `mtp.*` tensors of a dense Qwen3.5 MTP module (DESIGN §6.1)."""
     layer = "mtp.layers.0."
     return {
         "mtp.fc.weight": (H, 2 * H),
@@ -400,7 +400,7 @@ def test_help_documents_the_layout(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# unmerged LoRA adapters (spec §6.2)
+# unmerged LoRA adapters (DESIGN §6.2)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 EPILOG = """\
-expected source layout (the authors' released checkpoints, spec §6.1):
+expected source layout (the authors' released checkpoints, DESIGN §6.1):
   SRC/config.json            the backbone's text config, flat ("model_type": "qwen3_5_text") or nested under
                              "text_config"; "architectures": ["Qwen3_5ForCausalPIPO"], "compressor_type":
                              "linear" | "mlp", "pad_token_id" (248044 for Qwen3.5), "mtp_num_hidden_layers": 1
@@ -24,7 +24,7 @@ expected source layout (the authors' released checkpoints, spec §6.1):
   optional config fields     mtp_loss_weight, confidence_loss_weight, conf_threshold / pipo_conf_threshold (τ):
                              kept in the converted config / generation_config.json
 
-unmerged LoRA adapters (spec §6.2): if SRC holds adapter_config.json + adapter_model.safetensors (keys
+unmerged LoRA adapters (DESIGN §6.2): if SRC holds adapter_config.json + adapter_model.safetensors (keys
 base_model.model.<module>.lora_{A,B}.weight plus full copies of the modules_to_save modules), the adapter is
 merged into --base (default: its base_model_name_or_path when that is a local folder) before converting.
 DoRA and embedding LoRA are refused.

@@ -1,6 +1,6 @@
 """Convert a checkpoint in the PIPO authors' released layout into a `PipoForCausalLM` checkpoint.
 
-Reference layout (spec §6.1), merged safetensors (single file or sharded with `model.safetensors.index.json`):
+Reference layout (DESIGN §6.1), merged safetensors (single file or sharded with `model.safetensors.index.json`):
 
     model.language_model.*      backbone: embed_tokens, layers.N.*, norm   (a bare `model.*` prefix is accepted)
     lm_head.weight              only when the LM head is untied (absent when tied, e.g. Qwen3.5-4B)
@@ -13,7 +13,7 @@ Reference layout (spec §6.1), merged safetensors (single file or sharded with `
 with `architectures: ["Qwen3_5ForCausalPIPO"]`, `compressor_type`, `pad_token_id` and `mtp_num_hidden_layers` (and
 optionally `mtp_loss_weight`, `confidence_loss_weight`, a threshold `conf_threshold` / `pipo_conf_threshold`).
 
-An unmerged LoRA adapter folder (spec §6.2: `adapter_config.json` + `adapter_model.safetensors` with keys
+An unmerged LoRA adapter folder (DESIGN §6.2: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_{A,B}.weight` and full copies of the `modules_to_save` modules) is merged into its
 base checkpoint first (`W += alpha/r · B·A`, rsLoRA and per-module rank/alpha patterns honoured); DoRA and
 embedding LoRA are refused.
@@ -185,7 +185,7 @@ def _find_compressor_type(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# LoRA adapters (spec §6.2)
+# LoRA adapters (DESIGN §6.2)
 # ----------------------------------------------------------------------------------------------------------------------
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")

@@ -1,4 +1,4 @@
-"""`PipoDataCollator`: prompt/response records → PIPO training batches (spec §1.2 and §2.2).
+"""`PipoDataCollator`: prompt/response records → PIPO training batches (DESIGN §1.2 and §2.2).
 
 Per row:
 
@@ -9,9 +9,9 @@ Per row:
    prompt/response boundary.
 3. PAD augmentation of the response (one ratio `r ~ U[0, max_pad_ratio]` per collator call, i.e. per forward pass /
    micro-batch, as in the reference):
-   - `"split"` (spec §2.2, the reference): `n = round(r · n_eligible)` of the full response pairs `(a, b)` become
+   - `"split"` (DESIGN §2.2, the reference): `n = round(r · n_eligible)` of the full response pairs `(a, b)` become
      `(a, PAD), (b, PAD)`; the pairing of every other pair is unchanged;
-   - `"shift"` (spec §4.9, what inference produces): at `n` emitted pairs the draft is rejected, giving
+   - `"shift"` (DESIGN §4.9, what inference produces): at `n` emitted pairs the draft is rejected, giving
      `(a, PAD)` and then re-pairing the rest of the response from `b` on, which shifts its parity;
    - `"none"`.
    `min_split_pairs` (default 0) forces at least that many splits per row; the reference always splits one

@@ -1,8 +1,8 @@
-"""Plain functions behind PIPO on-policy distillation (spec §2.5): PAD compaction and student/teacher divergences.
+"""Plain functions behind PIPO on-policy distillation (DESIGN §2.5): PAD compaction and student/teacher divergences.
 
 Everything here works on tensors only (no trainer state), so each piece has an exact unit test.
 
-Slot alignment (spec §2.5d), for a row `x[0..T-1]` with `T` even and `L = T/2`, `j = 0..L-2`:
+Slot alignment (DESIGN §2.5d), for a row `x[0..T-1]` with `T` even and `L = T/2`, `j = 0..L-2`:
 
 - backbone latent `j` predicts `x[2j+2]` ↔ teacher position `2j+1` of the full-length (mapped-back) sequence;
 - MTP position `j` predicts `x[2j+3]` ↔ teacher position `2j+2`.
@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("full", "topk", "sampled")
-FILL_LABEL = -1  # label value meaning "fill from the student's own distribution" (spec §2.5e)
+FILL_LABEL = -1  # label value meaning "fill from the student's own distribution" (DESIGN §2.5e)
 IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# PAD compaction (spec §2.5d)
+# PAD compaction (DESIGN §2.5d)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -85,7 +85,7 @@ def teacher_slots(mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Divergences (spec §2.5f)
+# Divergences (DESIGN §2.5f)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -167,7 +167,7 @@ def divergence_from_logits(
 ) -> DivergenceOutput:
     """Per-position student/teacher divergence and confidence target from logits `[N, V]` (labels `[N]`, all valid).
 
-    Modes (spec §2.5f, `p` = softmax(logits / temperature)):
+    Modes (DESIGN §2.5f, `p` = softmax(logits / temperature)):
 
     - `full`: generalised JSD over the whole vocabulary (`beta=1` → reverse KL); `alpha = Σ_v min(p_s, p_t)`.
     - `topk`: the same over the union `U` = student top-k ∪ teacher top-k ∪ {y}, both renormalised on `U`;
@@ -336,7 +336,7 @@ def teacher_logits_fn(teacher: nn.Module, vocab_size: int | None = None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The whole OPD objective for one batch of PIPO rows (spec §2.5 c-g)
+# The whole OPD objective for one batch of PIPO rows (DESIGN §2.5 c-g)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""PIPO on-policy distillation (spec §2.5), built on trl's `GKDTrainer`.
+"""PIPO on-policy distillation (DESIGN §2.5), built on trl's `GKDTrainer`.
 
 Each step (with probability `lmbda`, 1.0 by default) the student rolls out in PIPO mode (`model.generate`, batched,
 sampling, confidence threshold τ), the rollout is laid out exactly as the model saw it (parity-aligned prompt +
@@ -6,11 +6,11 @@ raw slots, PADs included), and:
 
 - the student runs the training forward (compressor → backbone → MTP, token1 teacher-forced);
 - the frozen teacher (any causal LM with the student's vocabulary) scores the PAD-compacted sequence, and its hidden
-  states are mapped back to full length (`compact_pads` / `map_back`, spec §2.5d);
+  states are mapped back to full length (`compact_pads` / `map_back`, DESIGN §2.5d);
 - divergences at backbone slots (teacher positions 1, 3, …) and MTP slots (2, 4, …) with `divergence` = `full`,
-  `topk` or `sampled` (a correct score-function estimator, spec §2.5f), in LM-head chunks;
+  `topk` or `sampled` (a correct score-function estimator, DESIGN §2.5f), in LM-head chunks;
 - the confidence head regresses α = min(1, p_t(y)/p_s(y)) (1 − TV for `full`), detached; MTP labels at PAD slots
-  can be filled from the student (spec §2.5e).
+  can be filled from the student (DESIGN §2.5e).
 
 What is reused from `GKDTrainer`: teacher loading/preparation (`teacher_model_init_kwargs`, accelerate/DeepSpeed
 placement, the shared-vocabulary check), the `lmbda` on-policy switch and `seq_kd`, model unwrapping for
@@ -44,7 +44,7 @@ from trl.models.utils import _ForwardRedirection
 class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
     """`GKDConfig` (so `SFTConfig`/`TrainingArguments`) plus PIPO OPD knobs.
 
-    Defaults follow spec §2.5: fully on-policy (`lmbda=1`), reverse KL (`beta=1`), rollout temperature 1.0,
+    Defaults follow DESIGN §2.5: fully on-policy (`lmbda=1`), reverse KL (`beta=1`), rollout temperature 1.0,
     rollout confidence threshold τ = 0.95, `topk` divergence with K = 32, PAD labels filled. Rollouts sample from the
     full distribution (`top_k=0`, `top_p=1.0`); the reference used 20 / 0.95 (with truncation the `sampled`
     estimator is no longer exactly unbiased for the untruncated KL).

@@ -1,4 +1,4 @@
-"""Which PIPO parameters train (spec §1.7): `full`, `heads` or `lora` (peft, new modules as `modules_to_save`).
+"""Which PIPO parameters train (DESIGN §1.7): `full`, `heads` or `lora` (peft, new modules as `modules_to_save`).
 
 The input embedding and the LM head (tied or not) are frozen in every mode.
 """
@@ -9,7 +9,7 @@ from torch import nn
 
 TRAIN_MODES = ("full", "heads", "lora")
 PIPO_HEADS = ("compressor", "mtp", "confidence_head")
-# Reference LoRA targets (spec §1.7): attention and MLP projections, matched by suffix in the backbone and the MTP layer.
+# Reference LoRA targets (DESIGN §1.7): attention and MLP projections, matched by suffix in the backbone and the MTP layer.
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # New PIPO modules trained in full next to the adapters (checkpoint keys `base_model.model.<name>`).
 DEFAULT_MODULES_TO_SAVE = [
@@ -85,7 +85,7 @@ def apply_lora(model: nn.Module, peft_config):
     head = model.get_output_embeddings()
     targets = peft_config.target_modules
     if isinstance(targets, (list, set, tuple)) and "lm_head" in targets:
-        raise ValueError("LoRA target_modules must not include lm_head: PIPO keeps the LM head frozen (spec §1.7).")
+        raise ValueError("LoRA target_modules must not include lm_head: PIPO keeps the LM head frozen (DESIGN §1.7).")
     peft_model = get_peft_model(model, peft_config)
     for param in head.parameters():
         param.requires_grad_(False)

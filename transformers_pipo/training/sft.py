@@ -1,4 +1,4 @@
-"""PIPO supervised fine-tuning (spec §2.2-2.4) on `transformers.Trainer`.
+"""PIPO supervised fine-tuning (DESIGN §2.2-2.4) on `transformers.Trainer`.
 
 `loss = backbone CE + mtp_loss_weight · MTP CE + confidence_loss_weight · confidence BCE`, each term a mean over its
 own labelled positions, computed inside the model's forward with chunked LM-head losses (memory bounded at long

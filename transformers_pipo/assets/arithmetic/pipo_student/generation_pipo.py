@@ -88,10 +88,10 @@ def pipo_generate_entry(model, stock_generate, inputs=None, generation_config=No
         return stock_generate(inputs, generation_config, **kwargs)
     if kwargs.get("custom_generate") is None:
         kwargs["custom_generate"] = pipo_generate
-        # `generate` drops `synced_gpus` for a callable custom_generate (HF_NOTES §9.4): it travels as a PIPO kwarg.
+        # `generate` drops `synced_gpus` for a callable custom_generate (DESIGN §5.3): it travels as a PIPO kwarg.
         if "synced_gpus" in kwargs:
             kwargs["pipo_synced_gpus"] = kwargs.pop("synced_gpus")
-        # transformers 5.24 does not forward `streamer` or `tokenizer` to a callable custom_generate (HF_NOTES §3.2),
+        # transformers 5.24 does not forward `streamer` or `tokenizer` to a callable custom_generate (DESIGN §5.3),
         # so they travel under PIPO names; stop strings are then turned into a criterion inside the loop.
         if kwargs.get("streamer") is not None:
             kwargs["pipo_streamer"] = kwargs.pop("streamer")
@@ -310,7 +310,7 @@ def pipo_generate(
     pipo_synced_gpus: bool | None = None,
     **model_kwargs,
 ):
-    """PIPO decoding loop (spec §3 with the fixes of §4.3/§3.5): see `PipoForCausalLM.generate`.
+    """PIPO decoding loop (DESIGN §3 with the fixes of §4.3/§3.5): see `PipoForCausalLM.generate`.
 
     Prefill folds the parity-aligned prompt into latents and runs the backbone once; the MTP layer then runs
     teacher-forced over the prompt (filling its cache exactly as in training) plus one position with the sampled
