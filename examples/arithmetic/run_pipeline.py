@@ -20,7 +20,7 @@ from .common import PipelineConfig, is_done, mark_done, quick_config, read_marke
 
 STAGE_ORDER = [
     "data", "tokenizer", "train_teacher", "train_teacher_more", "train_student", "sample_teacher",
-    "convert", "sft_mtp_only", "sft", "opd", "eval", "report", "export",
+    "convert", "sft_mtp_only", "eval_base", "sft", "opd", "eval", "speed", "report", "export",
 ]
 
 
