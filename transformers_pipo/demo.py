@@ -1,15 +1,19 @@
-"""The embedded demo models: a PIPO student and its base model for integer arithmetic.
+"""The embedded demo models and the arithmetic task they were trained on.
 
-Both were trained from scratch by the miniature reproduction in `examples/arithmetic` (see docs/RESULTS.md) and ship
-inside the package, so `pipo demo` works offline on a fresh machine:
+Both models were trained from scratch by the miniature reproduction in `examples/arithmetic` (see docs/RESULTS.md)
+and ship inside the package, so `pipo demo` works offline on a fresh machine:
 
 - `PIPO_MODEL_DIR`: the PIPO-SFT+OPD student (its generation_config holds the confidence threshold τ chosen on the
   validation split);
 - `BASE_MODEL_DIR`: the ordinary causal LM it was converted from, decoded token by token as the baseline.
 
 Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and work with
-`pipeline("text-generation")`. Prompts use the task format `Q: <expression>\\nA:`; the answer is the integer after
-`####` on the last line.
+`pipeline("text-generation")`.
+
+This module also holds the task definition, once: prompts `Q: <expression>\\nA:` where the expression has 2 or 3
+integers in [0, 999] joined by `+` or `-` (no spaces, evaluated left to right); a response is correct when the integer
+after `####` on its last line equals the value (`is_correct`). The reproduction's evaluator imports these same
+functions, so the demo and the reported accuracies score alike.
 """
 
 from __future__ import annotations

@@ -114,6 +114,11 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, 
     torch.manual_seed(cfg.seed + (cfg.teacher_init_seed if teacher else cfg.student_init_seed) + 10 * int(resume))
     if resume:
         model = AutoModelForCausalLM.from_pretrained(cfg.path("models", name))
+    elif teacher and cfg.teacher_init == "student_base":
+        model = AutoModelForCausalLM.from_pretrained(cfg.path("models", "student_base"))
+        lr = lr or cfg.teacher_lr
+    elif teacher and cfg.teacher_init != "scratch":
+        raise ValueError(f"teacher_init must be 'scratch' or 'student_base', not {cfg.teacher_init!r}")
     else:
         model = AutoModelForCausalLM.from_config(backbone_config(size, tok))
     n_examples = steps * cfg.base_batch_size
@@ -156,7 +161,16 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, 
 
 
 def stage_train_teacher(cfg: PipelineConfig) -> dict:
-    return _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_steps)
+    """The teacher: from scratch, or (`teacher_init="student_base"`) the trained student base continued for
+    `teacher_steps` on its own slice of problems."""
+    if cfg.teacher_init == "student_base":
+        from .common import is_done
+
+        if not is_done(cfg, "train_student"):
+            raise RuntimeError("teacher_init='student_base' needs the train_student stage first")
+    info = _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_steps)
+    info["init"] = cfg.teacher_init
+    return info
 
 
 def stage_train_teacher_more(cfg: PipelineConfig) -> dict:

@@ -516,6 +516,7 @@ def stage_report(cfg: PipelineConfig) -> dict:
     pareto, diagram = _plots(results, docs)
     info = {s: read_marker(cfg, s) for s in ("train_teacher", "train_student", "sample_teacher", "sft", "opd")}
     more = read_marker(cfg, "train_teacher_more") if is_done(cfg, "train_teacher_more") else {"steps": 0, "seconds": 0}
+    sft_more = read_marker(cfg, "sft_more") if is_done(cfg, "sft_more") else None
     rows = results["rows"]
     ci = intervals(results)
     lines = [
@@ -622,9 +623,10 @@ def stage_report(cfg: PipelineConfig) -> dict:
         "## How the models were made",
         "",
         f"- Teacher: Qwen3-style, hidden {c['teacher']['hidden_size']}, {c['teacher']['num_hidden_layers']} layers,"
-        f" {t['params'] / 1e6:.2f}M parameters, {t['steps']} + {more['steps']} (continued run, fresh problems) steps "
-        f"× {c['base_batch_size']} sequences on the reference chain of thought "
-        f"({(t['seconds'] + more['seconds']) / 60:.1f} min).",
+        f" {t['params'] / 1e6:.2f}M parameters, "
+        + ("the student base below trained further for " if c.get("teacher_init") == "student_base" else "")
+        + f"{t['steps']} + {more['steps']} (continued run) steps × {c['base_batch_size']} sequences of the reference "
+        f"chain of thought on problems the student base never saw ({(t['seconds'] + more['seconds']) / 60:.1f} min).",
         f"- Student base: Qwen3-style, hidden {c['student']['hidden_size']}, {c['student']['num_hidden_layers']} "
         f"layers, {s['params'] / 1e6:.2f}M parameters, {s['steps']} steps × {c['base_batch_size']} on other "
         f"train problems ({s['seconds'] / 60:.1f} min; trained at the same time as the teacher, as a second "
@@ -639,8 +641,11 @@ def stage_report(cfg: PipelineConfig) -> dict:
         f"- MTP row: `PipoSFTTrainer(train_mode='heads')`, {c['mtp_only_steps']} steps: only compressor, MTP head "
         "and confidence head train, the backbone is the token-level student; decoded with τ < 0 (every draft "
         "committed, no verification) — the closest analogue here of the paper's unverified native-MTP row.",
-        f"- PIPO-SFT: `PipoSFTTrainer(train_mode='full')`, {c['sft_steps']} steps × {c['sft_batch_size']}, PAD "
-        f"augmentation `split` with r ~ U[0, 0.25] ({info['sft']['seconds'] / 60:.1f} min).",
+        f"- PIPO-SFT: `PipoSFTTrainer(train_mode='full')`, {c['sft_steps']} steps"
+        + (f" + a continued run of {c['sft_more_steps']} steps (lr {c['sft_more_lr']:g})" if c.get("sft_more_steps")
+           else "")
+        + f" × {c['sft_batch_size']}, PAD augmentation `split` with r ~ U[0, 0.25] "
+        f"({(info['sft']['seconds'] + (sft_more or {}).get('seconds', 0)) / 60:.1f} min).",
         f"- PIPO-SFT+OPD: `PipoOPDTrainer`, {c['opd_steps']} steps × {c['opd_batch_size']} on-policy PIPO rollouts "
         f"(τ = {c['opd_threshold']} during rollouts), full reverse KL to the teacher, confidence target "
         f"1 − TV ({info['opd']['seconds'] / 60:.1f} min).",

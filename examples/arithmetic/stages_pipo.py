@@ -40,15 +40,16 @@ def stage_convert(cfg: PipelineConfig) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "pad_token_id": model.config.pad_token_id}
 
 
-def _run_sft(cfg: PipelineConfig, name: str, train_mode: str, steps: int, lr: float) -> dict:
+def _run_sft(cfg: PipelineConfig, name: str, train_mode: str, steps: int, lr: float,
+             init: str = "pipo_converted", run_name: str | None = None) -> dict:
     from transformers_pipo.training import PipoSFTConfig, PipoSFTTrainer
 
     tok = load_tokenizer(cfg)
     tok.padding_side = "right"
-    model = load_model(cfg.path("models", "pipo_converted"))
+    model = load_model(cfg.path("models", init))
     records = _sft_records(cfg)
     args = PipoSFTConfig(
-        **schedule_args(cfg, name, steps),
+        **schedule_args(cfg, run_name or name, steps),
         train_mode=train_mode,
         per_device_train_batch_size=cfg.sft_batch_size,
         learning_rate=lr,
@@ -81,6 +82,16 @@ def stage_sft_mtp_only(cfg: PipelineConfig) -> dict:
 
 def stage_sft(cfg: PipelineConfig) -> dict:
     return _run_sft(cfg, "pipo_sft", "full", cfg.sft_steps, cfg.sft_lr)
+
+
+def stage_sft_more(cfg: PipelineConfig) -> dict:
+    """A second PIPO-SFT run continuing `models/pipo_sft` for `sft_more_steps` (new warm-up + cosine at
+    `sft_more_lr`), saved over it: the backbone was still relearning its task on pair inputs when the first run's
+    schedule ended. Skipped when `sft_more_steps` is 0."""
+    if cfg.sft_more_steps <= 0:
+        return {"steps": 0}
+    return _run_sft(cfg, "pipo_sft", "full", cfg.sft_more_steps, cfg.sft_more_lr, init="pipo_sft",
+                    run_name="pipo_sft_more")
 
 
 def stage_opd(cfg: PipelineConfig) -> dict:

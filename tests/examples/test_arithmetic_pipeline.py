@@ -1,5 +1,5 @@
 """Smoke run of the whole arithmetic pipeline at toy sizes (`--quick`): every stage runs, writes its marker, and a
-second invocation skips them all. Marked slow (a few minutes on 2 shared CPU cores; the default run excludes it)."""
+second invocation skips them all. Marked slow (30 s to a few minutes on 2 shared CPU cores, with the load)."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from examples.arithmetic import task  # noqa: E402
 from transformers_pipo import demo  # noqa: E402
 
 # Held-out test problems that the shipped models solve with greedy decoding (checked when the assets were exported).
-SOLVED_BY_PIPO = ["95*10", "0*15*44*15", "0*42"]
-SOLVED_BY_BASE = ["95*10", "0*15*44*15", "0*42"]
+SOLVED_BY_PIPO = ["963+587+303", "207+774+591", "705-25"]
+SOLVED_BY_BASE = ["776-175+175", "918+241-566", "835+93"]
 
 
 def test_demo_and_pipeline_score_with_one_function():
@@ -99,6 +99,7 @@ def test_solve_reports_pipo_statistics():
     assert s.backbone_steps < s.tokens  # more than one token per backbone step
     assert 0 <= s.committed_drafts <= s.backbone_steps
     r = demo.solve(base, tok, SOLVED_BY_BASE[0])
+    assert r.correct
     assert r.backbone_steps == r.tokens and r.committed_drafts == 0
 
 
