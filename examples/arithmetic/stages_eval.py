@@ -642,8 +642,8 @@ def stage_report(cfg: PipelineConfig) -> dict:
         "and confidence head train, the backbone is the token-level student; decoded with τ < 0 (every draft "
         "committed, no verification) — the closest analogue here of the paper's unverified native-MTP row.",
         f"- PIPO-SFT: `PipoSFTTrainer(train_mode='full')`, {c['sft_steps']} steps"
-        + (f" + a continued run of {c['sft_more_steps']} steps (lr {c['sft_more_lr']:g})" if c.get("sft_more_steps")
-           else "")
+        + (" + continued runs of " + " + ".join(str(n) for n in c["sft_more_steps"]) + f" steps (lr {c['sft_more_lr']:g},"
+           " each with its own warm-up and cosine schedule)" if any(c.get("sft_more_steps") or ()) else "")
         + f" × {c['sft_batch_size']}, PAD augmentation `split` with r ~ U[0, 0.25] "
         f"({(info['sft']['seconds'] + (sft_more or {}).get('seconds', 0)) / 60:.1f} min).",
         f"- PIPO-SFT+OPD: `PipoOPDTrainer`, {c['opd_steps']} steps × {c['opd_batch_size']} on-policy PIPO rollouts "

@@ -85,13 +85,22 @@ def stage_sft(cfg: PipelineConfig) -> dict:
 
 
 def stage_sft_more(cfg: PipelineConfig) -> dict:
-    """A second PIPO-SFT run continuing `models/pipo_sft` for `sft_more_steps` (new warm-up + cosine at
-    `sft_more_lr`), saved over it: the backbone was still relearning its task on pair inputs when the first run's
-    schedule ended. Skipped when `sft_more_steps` is 0."""
-    if cfg.sft_more_steps <= 0:
-        return {"steps": 0}
-    return _run_sft(cfg, "pipo_sft", "full", cfg.sft_more_steps, cfg.sft_more_lr, init="pipo_sft",
-                    run_name="pipo_sft_more")
+    """Continued PIPO-SFT runs of `models/pipo_sft`, one per entry of `sft_more_steps` (each a new warm-up + cosine
+    at `sft_more_lr`), saved over it: the backbone was still relearning its task on pair inputs when the first
+    run's schedule ended. Finished runs are recorded in models/pipo_sft/sft_more.json and skipped on a re-run."""
+    import json
+
+    record = cfg.path("models", "pipo_sft", "sft_more.json")
+    done = json.loads(record.read_text()) if record.exists() else []
+    for r, steps in enumerate(cfg.sft_more_steps):
+        if r < len(done) or steps <= 0:
+            continue
+        info = _run_sft(cfg, "pipo_sft", "full", steps, cfg.sft_more_lr, init="pipo_sft",
+                        run_name=f"pipo_sft_more{r + 1}")
+        info.pop("log", None)
+        done.append({"round": r + 1, **info})
+        record.write_text(json.dumps(done, indent=2))
+    return {"rounds": done, "steps": sum(x["steps"] for x in done), "seconds": sum(x["seconds"] for x in done)}
 
 
 def stage_opd(cfg: PipelineConfig) -> dict:
