@@ -618,6 +618,8 @@ def stage_report(cfg: PipelineConfig) -> dict:
                      f"{r['ece']:.3f} | {r['auroc']:.3f} |")
     t, s, st = info["train_teacher"], info["train_student"], info["sample_teacher"]
     c = results["config"]
+    more_sft = c.get("sft_more_steps") or ()
+    more_sft = (more_sft,) if isinstance(more_sft, int) else tuple(more_sft)
     lines += [
         "",
         "## How the models were made",
@@ -642,8 +644,8 @@ def stage_report(cfg: PipelineConfig) -> dict:
         "and confidence head train, the backbone is the token-level student; decoded with τ < 0 (every draft "
         "committed, no verification) — the closest analogue here of the paper's unverified native-MTP row.",
         f"- PIPO-SFT: `PipoSFTTrainer(train_mode='full')`, {c['sft_steps']} steps"
-        + (" + continued runs of " + " + ".join(str(n) for n in c["sft_more_steps"]) + f" steps (lr {c['sft_more_lr']:g},"
-           " each with its own warm-up and cosine schedule)" if any(c.get("sft_more_steps") or ()) else "")
+        + (" + continued runs of " + " + ".join(str(n) for n in more_sft) + f" steps (lr {c['sft_more_lr']:g}, each"
+           " with its own warm-up and cosine schedule)" if any(more_sft) else "")
         + f" × {c['sft_batch_size']}, PAD augmentation `split` with r ~ U[0, 0.25] "
         f"({(info['sft']['seconds'] + (sft_more or {}).get('seconds', 0)) / 60:.1f} min).",
         f"- PIPO-SFT+OPD: `PipoOPDTrainer`, {c['opd_steps']} steps × {c['opd_batch_size']} on-policy PIPO rollouts "
