@@ -693,7 +693,7 @@ def stage_export(cfg: PipelineConfig) -> dict:
         "Embedded demo models of the arithmetic reproduction (examples/arithmetic), written by its `export` stage.\n\n"
         f"- `pipo_student/`: the PIPO-SFT+OPD student, generation_config τ = {tau}.\n"
         "- `student_base/`: the ordinary causal LM it was converted from (regular-decoding baseline).\n"
-        "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws from it.\n\n"
+        "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws fresh problems of the same family instead.\n\n"
         "Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; see docs/RESULTS.md.\n"
     )
     return {"bytes": sizes, "total_mb": total / 2**20, "threshold": tau}
