@@ -108,7 +108,8 @@ def quick_config(out: str) -> PipelineConfig:
         teacher_steps=30, teacher_data_start=1500, student_data_start=0, teacher_more_steps=10, teacher_more_rounds=1,
         teacher_round2_offset=2000, student_steps=20, n_sample_prompts=64,
         sample_batch_size=32, min_sft_records=64, max_new_tokens=64,
-        sft_steps=10, sft_more_steps=(3,), sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3, opd_batch_size=4,
+        sft_steps=10, sft_more_steps=(3,), sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3,
+        opd_batch_size=4,
         n_eval=16, eval_batch_size=16, thresholds=(-1.0, 0.5, 1.0), n_timing=2,
         docs_dir=f"{out}/docs", assets_dir=f"{out}/assets", notes_file=f"{out}/notes.md",
     )

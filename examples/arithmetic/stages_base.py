@@ -269,7 +269,8 @@ def stage_sample_teacher(cfg: PipelineConfig) -> dict:
                      "expression": problem.expression, "reference_top_up": True})
     write_jsonl(cfg.path("data", "sft_teacher.jsonl"), rows)
     lengths = [len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]
-    return {"sampled": n_total, "kept": n_teacher, "reference_top_up": len(rows) - n_teacher, "teacher_sample_accuracy": n_teacher / max(1, n_total),
+    return {"sampled": n_total, "kept": n_teacher, "reference_top_up": len(rows) - n_teacher,
+            "teacher_sample_accuracy": n_teacher / max(1, n_total),
             "mean_response_tokens": sum(lengths) / max(1, len(lengths))}
 
 

@@ -437,7 +437,8 @@ def targets(results: dict) -> list[tuple[str, bool, str]]:
     out = [
         ("teacher greedy ≥ 85%", teacher["greedy_accuracy"] >= 85, f"{teacher['greedy_accuracy']:.1f}"),
         ("student base greedy ≥ 50%", reg["greedy_accuracy"] >= 50, f"{reg['greedy_accuracy']:.1f}"),
-        ("teacher clearly better than the student base (greedy)", teacher["greedy_accuracy"] >= reg["greedy_accuracy"] + 5,
+        ("teacher clearly better than the student base (greedy)",
+         teacher["greedy_accuracy"] >= reg["greedy_accuracy"] + 5,
          f"{teacher['greedy_accuracy']:.1f} vs {reg['greedy_accuracy']:.1f}"),
         ("PIPO-SFT+OPD greedy ≥ student base − 2", opd["greedy_accuracy"] >= reg["greedy_accuracy"] - 2,
          f"{opd['greedy_accuracy']:.1f} vs {reg['greedy_accuracy']:.1f} − 2"),
@@ -693,7 +694,8 @@ def stage_export(cfg: PipelineConfig) -> dict:
         "Embedded demo models of the arithmetic reproduction (examples/arithmetic), written by its `export` stage.\n\n"
         f"- `pipo_student/`: the PIPO-SFT+OPD student, generation_config τ = {tau}.\n"
         "- `student_base/`: the ordinary causal LM it was converted from (regular-decoding baseline).\n"
-        "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws fresh problems of the same family instead.\n\n"
+        "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws fresh problems of "
+        "the same family instead.\n\n"
         "Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; see docs/RESULTS.md.\n"
     )
     return {"bytes": sizes, "total_mb": total / 2**20, "threshold": tau}

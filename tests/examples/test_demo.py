@@ -64,7 +64,8 @@ def test_assets_exist_and_are_small():
     assert total <= 25 * 2**20
     held_out = demo.held_out_problems()
     assert len(held_out) >= 300
-    assert set(held_out) == {p.expression for p in task.make_splits(0, n_train=0, n_val=0, n_test=len(held_out))["test"]}
+    test_split = task.make_splits(0, n_train=0, n_val=0, n_test=len(held_out))["test"]
+    assert set(held_out) == {p.expression for p in test_split}
 
 
 @pytest.mark.parametrize("which", ["pipo", "base"])
