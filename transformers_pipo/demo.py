@@ -1,15 +1,19 @@
-"""The embedded demo models: a PIPO student and its base model for integer arithmetic.
+"""The embedded demo models and the arithmetic task they were trained on.
 
-Both were trained from scratch by the miniature reproduction in `examples/arithmetic` (see docs/RESULTS.md) and ship
-inside the package, so `pipo demo` works offline on a fresh machine:
+Both models were trained from scratch by the miniature reproduction in `examples/arithmetic` (see docs/RESULTS.md)
+and ship inside the package, so `pipo demo` works offline on a fresh machine:
 
 - `PIPO_MODEL_DIR`: the PIPO-SFT+OPD student (its generation_config holds the confidence threshold τ chosen on the
   validation split);
 - `BASE_MODEL_DIR`: the ordinary causal LM it was converted from, decoded token by token as the baseline.
 
 Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and work with
-`pipeline("text-generation")`. Prompts use the task format `Q: <expression>\\nA:`; the answer is the integer after
-`####` on the last line.
+`pipeline("text-generation")`.
+
+This module also holds the task definition, once: prompts `Q: <expression>\\nA:` where the expression has 2 or 3
+integers in [0, 999] joined by `+` or `-` (no spaces, evaluated left to right); a response is correct when the integer
+after `####` on its last line equals the value (`is_correct`). The reproduction's evaluator imports these same
+functions, so the demo and the reported accuracies score alike.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ PIPO_MODEL_DIR = ASSETS_DIR / "pipo_student"
 BASE_MODEL_DIR = ASSETS_DIR / "student_base"
 TEST_PROBLEMS_FILE = ASSETS_DIR / "test_problems.jsonl"
 
-_EXPRESSION_RE = re.compile(r"\d{1,2}(?:[+\-*]\d{1,2}){1,3}")
+# The task (fixed; outside checks draw their own problems): 2 or 3 integer operands in [0, 999] joined by + or -,
+# no spaces, evaluated left to right; the value may be negative. The response ends with the line `#### <int>`.
+OPERATORS = ("+", "-")
+MIN_OPERANDS, MAX_OPERANDS = 2, 3
+MAX_OPERAND = 999
+
+_EXPRESSION_RE = re.compile(r"\d{1,3}(?:[+\-]\d{1,3}){1,2}")
 _ANSWER_RE = re.compile(r"####\s*(-?\d+)\s*$")
 
 
@@ -35,31 +45,56 @@ def format_prompt(expression: str) -> str:
 
 
 def is_expression(text: str) -> bool:
-    return bool(_EXPRESSION_RE.fullmatch(text))
+    """Whether `text` is a task expression (operands without leading zeros; ``"0"`` itself is fine)."""
+    if not isinstance(text, str) or not _EXPRESSION_RE.fullmatch(text):
+        return False
+    return all(len(part) == 1 or part[0] != "0" for part in re.split(r"[+\-]", text))
+
+
+def parse_expression(expression: str) -> tuple[list[int], list[str]]:
+    """Split ``"123+45-6"`` into operands ``[123, 45, 6]`` and operators ``["+", "-"]``; ValueError if malformed."""
+    if not is_expression(expression):
+        raise ValueError(
+            f"not a task expression: {expression!r} (expected {MIN_OPERANDS}-{MAX_OPERANDS} integers in "
+            f"[0, {MAX_OPERAND}] without leading zeros, joined by + or -, no spaces)"
+        )
+    parts = re.split(r"([+\-])", expression)
+    return [int(x) for x in parts[0::2]], parts[1::2]
 
 
 def evaluate(expression: str) -> int:
-    """Exact value of a task expression (`*` before `+`/`-`, left to right)."""
-    if not is_expression(expression):
-        raise ValueError(f"not a task expression: {expression!r}")
-    parts = re.split(r"([+\-*])", expression)
-    total, sign, product = 0, 1, int(parts[0])
-    for op, value in zip(parts[1::2], parts[2::2]):
-        if op == "*":
-            product *= int(value)
-        else:
-            total += sign * product
-            sign, product = (1 if op == "+" else -1), int(value)
-    return total + sign * product
+    """Exact value of a task expression, left to right."""
+    operands, operators = parse_expression(expression)
+    total = operands[0]
+    for op, value in zip(operators, operands[1:]):
+        total = total + value if op == "+" else total - value
+    return total
 
 
 def parse_answer(response: str) -> int | None:
     """The integer after `####` on the last non-empty line, or None."""
+    if not isinstance(response, str):
+        return None
     lines = [line for line in response.strip().splitlines() if line.strip()]
     if not lines:
         return None
     match = _ANSWER_RE.search(lines[-1])
     return int(match.group(1)) if match else None
+
+
+def is_correct(response: str, expression: str) -> bool:
+    """THE scorer of the task: used by `pipo demo` and by the reproduction's evaluator alike. A response is correct
+    when the integer after the last line's `####` equals the exact value of `expression`."""
+    value = parse_answer(response)
+    return value is not None and value == evaluate(expression)
+
+
+def random_expression(rng: random.Random) -> str:
+    """A fresh task expression: 2 or 3 operands drawn uniformly from [0, 999], operators from + and -."""
+    parts = [str(rng.randint(0, MAX_OPERAND))]
+    for _ in range(rng.randint(MIN_OPERANDS, MAX_OPERANDS) - 1):
+        parts += [rng.choice(OPERATORS), str(rng.randint(0, MAX_OPERAND))]
+    return "".join(parts)
 
 
 def held_out_problems(path=None) -> list[str]:
@@ -68,23 +103,17 @@ def held_out_problems(path=None) -> list[str]:
         return [json.loads(line)["expression"] for line in f if line.strip()]
 
 
-def random_expression(rng: random.Random) -> str:
-    """A task expression: 2-4 operands in [0, 99], operators from + - *."""
-    parts = [str(rng.randint(0, 99))]
-    for _ in range(rng.randint(1, 3)):
-        parts += [rng.choice("+-*"), str(rng.randint(0, 99))]
-    return "".join(parts)
-
-
-def fresh_problems(n: int, seed: int | None = None, path=None) -> list[str]:
-    """`n` distinct held-out problems drawn at random from the shipped test split (`seed` for a fixed draw); when no
-    test split is available (e.g. custom models), new random expressions."""
+def fresh_problems(n: int, seed: int | None = None) -> list[str]:
+    """`n` distinct fresh expressions of the task family, drawn at random (`seed` for a fixed draw). They are new
+    draws, not the shipped test split: with about 2·10⁹ possible expressions a draw almost never repeats a
+    training problem."""
     rng = random.Random(seed)
-    file = Path(path) if path is not None else TEST_PROBLEMS_FILE
-    if file.exists():
-        pool = held_out_problems(file)
-        return rng.sample(pool, min(n, len(pool)))
-    return [random_expression(rng) for _ in range(n)]
+    out: list[str] = []
+    while len(out) < n:
+        expression = random_expression(rng)
+        if expression not in out:
+            out.append(expression)
+    return out
 
 
 def load_models(pipo_dir=None, base_dir=None):
@@ -123,7 +152,7 @@ class Solution:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def solve(model, tokenizer, expression: str, *, threshold: float | None = None, max_new_tokens: int = 256,
+def solve(model, tokenizer, expression: str, *, threshold: float | None = None, max_new_tokens: int = 128,
           do_sample: bool = False, streamer=None) -> Solution:
     """Answer one problem (batch 1) with `model`: PIPO decoding for a PIPO model (τ = `threshold`, else the
     model's generation_config), ordinary decoding otherwise. Timing covers the whole `generate` call."""
@@ -146,15 +175,13 @@ def solve(model, tokenizer, expression: str, *, threshold: float | None = None, 
         new = new[: new.index(tokenizer.eos_token_id) + 1]
     real = [t for t in new if t != tokenizer.pad_token_id]
     text = tokenizer.decode(real, skip_special_tokens=True)
-    answer = parse_answer(text)
-    expected = evaluate(expression)
     steps = int(out.decode_steps[0]) if pipo else len(real)
     committed = int(out.committed_drafts[0]) if pipo else 0
-    return Solution(expression, expected, text, answer, answer == expected, len(real), steps, committed, seconds)
+    return Solution(expression, evaluate(expression), text, parse_answer(text), is_correct(text, expression),
+                    len(real), steps, committed, seconds)
 
 
-def compare(n: int = 6, *, threshold: float | None = None, seed: int | None = None, models=None, progress=None,
-            problems_file=None):
+def compare(n: int = 8, *, threshold: float | None = None, seed: int | None = None, models=None, progress=None):
     """Solve `n` fresh problems with PIPO and with regular decoding of the base model, side by side (greedy).
 
     Returns `{"threshold", "problems": [{"pipo": Solution, "regular": Solution}], "summary": {...}}`. The first
@@ -162,7 +189,7 @@ def compare(n: int = 6, *, threshold: float | None = None, seed: int | None = No
     """
     pipo, base, tok = models or load_models()
     tau = threshold if threshold is not None else getattr(pipo.generation_config, "pipo_confidence_threshold", None)
-    expressions = fresh_problems(n, seed, problems_file)
+    expressions = fresh_problems(n, seed)
     solve(pipo, tok, expressions[0], threshold=tau, max_new_tokens=8)  # warm-up
     solve(base, tok, expressions[0], max_new_tokens=8)
     results = []
@@ -199,4 +226,4 @@ def as_json(report: dict) -> dict:
 
 
 __all__ = ["PIPO_MODEL_DIR", "BASE_MODEL_DIR", "load_models", "solve", "compare", "fresh_problems", "evaluate",
-           "parse_answer", "format_prompt"]
+           "parse_answer", "is_correct", "parse_expression", "random_expression", "format_prompt"]

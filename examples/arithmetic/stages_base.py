@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -111,18 +110,28 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, 
     from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
 
     tok = load_tokenizer(cfg)
-    torch.manual_seed(cfg.seed + (1 if name == "teacher" else 2) + 10 * int(resume))
+    teacher = name == "teacher"
+    torch.manual_seed(cfg.seed + (cfg.teacher_init_seed if teacher else cfg.student_init_seed) + 10 * int(resume))
     if resume:
         model = AutoModelForCausalLM.from_pretrained(cfg.path("models", name))
+    elif teacher and cfg.teacher_init == "student_base":
+        model = AutoModelForCausalLM.from_pretrained(cfg.path("models", "student_base"))
+        lr = lr or cfg.teacher_lr
+    elif teacher and cfg.teacher_init != "scratch":
+        raise ValueError(f"teacher_init must be 'scratch' or 'student_base', not {cfg.teacher_init!r}")
     else:
         model = AutoModelForCausalLM.from_config(backbone_config(size, tok))
     n_examples = steps * cfg.base_batch_size
     train = load_split(cfg, "train")
-    # The teacher and the student see different slices of the train split (the student sees fewer problems).
-    start = offset if absolute else (0 if name == "teacher" else len(train) // 2) + offset
-    limit = len(train) if absolute else (len(train) // 2) * (1 if name == "teacher" else 2)
+    # The teacher and the student read disjoint slices of the train split; the last `n_opd_prompts +
+    # n_sample_prompts` problems are reserved for OPD and SFT prompts.
+    start = offset if absolute else (cfg.teacher_data_start if teacher else cfg.student_data_start) + offset
+    limit = len(train) - cfg.n_sample_prompts - cfg.n_opd_prompts
+    if start + n_examples > limit:
+        raise RuntimeError(f"{name}: {steps} steps need train problems {start}..{start + n_examples}, past the "
+                           f"reserved prompts at {limit}")
     rows = [encode_example(tok, p.prompt, task.chain_of_thought(p.expression))
-            for p in train[start: min(start + n_examples, limit)]]
+            for p in train[start: start + n_examples]]
     args = TrainingArguments(
         **schedule_args(cfg, name, steps),
         per_device_train_batch_size=1,  # one item = one pre-built, length-bucketed batch
@@ -152,28 +161,32 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, 
 
 
 def stage_train_teacher(cfg: PipelineConfig) -> dict:
-    return _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_steps)
+    """The teacher: from scratch, or (`teacher_init="student_base"`) the trained student base continued for
+    `teacher_steps` on its own slice of problems."""
+    if cfg.teacher_init == "student_base":
+        from .common import is_done
+
+        if not is_done(cfg, "train_student"):
+            raise RuntimeError("teacher_init='student_base' needs the train_student stage first")
+    info = _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_steps)
+    info["init"] = cfg.teacher_init
+    return info
 
 
 def stage_train_teacher_more(cfg: PipelineConfig) -> dict:
-    """Continue the teacher in `teacher_more_rounds` further Trainer runs on problems it has not seen (its loss was
-    still falling). Round 1 uses the rest of the teacher's half of the train split, later rounds the unused part of
-    the second half (`teacher_round2_offset`). Finished rounds are recorded in models/teacher/rounds.json and skipped on a re-run."""
+    """Continue the teacher in `teacher_more_rounds` further Trainer runs on problems it has not seen (when its loss
+    is still falling). Round 1 reads the problems right after the teacher's slice, later rounds those from
+    `teacher_round2_offset` on. Finished rounds are recorded in models/teacher/rounds.json and skipped on a re-run."""
     import json
 
     record = cfg.path("models", "teacher", "rounds.json")
     rounds = json.loads(record.read_text()) if record.exists() else []
-    n_train = cfg.n_train
     per_round = cfg.teacher_more_steps * cfg.base_batch_size
     for r in range(len(rounds) + 1, cfg.teacher_more_rounds + 1):
         if r == 1:
             offset = cfg.teacher_steps * cfg.base_batch_size
         else:  # after the student's slice of the second half
             offset = cfg.teacher_round2_offset + (r - 2) * per_round
-        end = offset + per_round
-        reserved = n_train - cfg.n_sample_prompts - cfg.n_opd_prompts
-        if end > reserved:
-            raise RuntimeError(f"teacher round {r} would reach the sampling/OPD prompts ({end} > {reserved})")
         info = _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_more_steps, resume=True,
                            lr=cfg.teacher_more_lr * (0.7 ** (r - 1)), offset=offset, absolute=r > 1)
         info.pop("log", None)
@@ -193,9 +206,13 @@ def load_model(path):
 
 
 def _order_by_difficulty(problems: list[task.Problem]) -> list[int]:
-    """Indices ordered by the number of multiplications (a proxy for response length, read from the prompt only),
-    so that a generation batch holds responses of similar length."""
-    return sorted(range(len(problems)), key=lambda i: (problems[i].expression.count("*"), len(problems[i].expression)))
+    """Indices ordered by the number of operators (a proxy for response length, read from the prompt only), so that
+    a generation batch holds responses of similar length."""
+    def key(i: int) -> tuple[int, int]:
+        e = problems[i].expression
+        return e.count("+") + e.count("-"), len(e)
+
+    return sorted(range(len(problems)), key=key)
 
 
 @torch.no_grad()
@@ -221,12 +238,22 @@ def sample_responses(model, tok, problems: list[task.Problem], *, do_sample: boo
 
 
 def stage_sample_teacher(cfg: PipelineConfig) -> dict:
-    """Sample teacher trajectories (temperature 1.0) on train prompts; keep the correct ones as PIPO SFT data."""
+    """Sample teacher trajectories (temperature 1.0) on train prompts; keep the correct ones as PIPO SFT data. With
+    `sft_data="reference"` the reference chain of thought of the same prompts is written instead (no teacher)."""
     tok = load_tokenizer(cfg)
-    teacher = load_model(cfg.path("models", "teacher"))
     train = load_split(cfg, "train")
     # Prompts from the end of the train split: disjoint from the OPD prompts, which are taken just before them.
     problems = train[len(train) - cfg.n_sample_prompts:]
+    if cfg.sft_data == "reference":
+        rows = [{"prompt": p.prompt, "response": task.chain_of_thought(p.expression), "expression": p.expression,
+                 "reference": True} for p in problems]
+        write_jsonl(cfg.path("data", "sft_teacher.jsonl"), rows)
+        lengths = [len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]
+        return {"sampled": 0, "kept": 0, "reference_top_up": len(rows), "teacher_sample_accuracy": float("nan"),
+                "mean_response_tokens": sum(lengths) / max(1, len(lengths)), "sft_data": "reference"}
+    if cfg.sft_data != "teacher":
+        raise ValueError(f"sft_data must be 'teacher' or 'reference', not {cfg.sft_data!r}")
+    teacher = load_model(cfg.path("models", "teacher"))
     texts = sample_responses(teacher, tok, problems, do_sample=True, n_samples=cfg.samples_per_prompt,
                              batch_size=cfg.sample_batch_size, max_new_tokens=cfg.max_new_tokens,
                              desc="teacher sampling", seed=cfg.seed)
@@ -234,7 +261,7 @@ def stage_sample_teacher(cfg: PipelineConfig) -> dict:
     for problem, samples in zip(problems, texts):
         for text in samples:
             n_total += 1
-            if task.is_correct(text, problem.answer):
+            if task.is_correct(text, problem.expression):
                 rows.append({"prompt": problem.prompt, "response": text, "expression": problem.expression})
     n_teacher = len(rows)
     for problem in problems[: max(0, cfg.min_sft_records - n_teacher)]:
@@ -242,7 +269,8 @@ def stage_sample_teacher(cfg: PipelineConfig) -> dict:
                      "expression": problem.expression, "reference_top_up": True})
     write_jsonl(cfg.path("data", "sft_teacher.jsonl"), rows)
     lengths = [len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]
-    return {"sampled": n_total, "kept": n_teacher, "reference_top_up": len(rows) - n_teacher, "teacher_sample_accuracy": n_teacher / max(1, n_total),
+    return {"sampled": n_total, "kept": n_teacher, "reference_top_up": len(rows) - n_teacher,
+            "teacher_sample_accuracy": n_teacher / max(1, n_total),
             "mean_response_tokens": sum(lengths) / max(1, len(lengths))}
 
 
@@ -253,4 +281,3 @@ def opd_prompts(cfg: PipelineConfig) -> list[task.Problem]:
 
 
 __all__ = [name for name in dir() if name.startswith("stage_")] + ["load_split", "load_tokenizer", "sample_responses"]
-_ = math

@@ -73,7 +73,7 @@ def generate_stats(model, tok, problems: list[task.Problem], *, n_samples: int, 
             steps += sum(n_real)
         for (i, s), text in zip(chunk, decode_new(tok, out.sequences, width)):
             texts[i][s] = text
-            correct[i][s] = task.is_correct(text, problems[i].answer)
+            correct[i][s] = task.is_correct(text, problems[i].expression)
     return {"correct": correct, "texts": texts, "tokens": tokens, "steps": steps, "committed": committed,
             "seconds": time.perf_counter() - start}
 
@@ -85,10 +85,10 @@ def _accuracy(correct: list[list[bool]]) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def _time_one(model, tok, prompt: str, max_new_tokens: int, tau) -> tuple[float, float, int]:
-    """(TTFT seconds, total seconds, real tokens) of one greedy batch-1 generation."""
+def _time_one(model, tok, prompt: str, max_new_tokens: int, tau, extra: dict | None = None) -> tuple[float, float, int]:
+    """(TTFT seconds, total seconds, real tokens) of one greedy batch-1 generation (`extra`: more generate kwargs)."""
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    kwargs = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    kwargs = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **(extra or {}))
     if _is_pipo(model):
         kwargs["pipo_confidence_threshold"] = tau
     t0 = time.perf_counter()
@@ -102,18 +102,20 @@ def _time_one(model, tok, prompt: str, max_new_tokens: int, tau) -> tuple[float,
     return ttft, total, sum(1 for t in new[:n] if t != tok.pad_token_id)
 
 
-def time_side_by_side(entries: dict, tok, problems: list[task.Problem], max_new_tokens: int, reps: int = 2) -> dict:
+def time_side_by_side(entries: dict, tok, problems: list[task.Problem], max_new_tokens: int, reps: int = 2,
+                      extra: dict | None = None) -> dict:
     """Batch-1 greedy latency of several (model, τ) entries, interleaved per problem in one process.
 
     TPOT = (total − TTFT) / (tokens − 1) summed over problems; tokens/s = tokens / total.
     """
-    for model, tau in entries.values():  # warm-up
-        _time_one(model, tok, problems[0].prompt, 8, tau)
+    for model, tau in entries.values():  # warm-up (a compiled mode compiles here)
+        _time_one(model, tok, problems[0].prompt, 8, tau, extra)
+        _time_one(model, tok, problems[0].prompt, max_new_tokens, tau, extra)
     acc = {k: {"ttft": [], "decode": 0.0, "decode_tokens": 0, "total": 0.0, "tokens": 0} for k in entries}
     for _ in range(reps):
         for p in tqdm(problems, desc="timing", unit="problem", leave=False):
             for key, (model, tau) in entries.items():
-                ttft, total, n = _time_one(model, tok, p.prompt, max_new_tokens, tau)
+                ttft, total, n = _time_one(model, tok, p.prompt, max_new_tokens, tau, extra)
                 a = acc[key]
                 a["ttft"].append(ttft)
                 a["decode"] += max(0.0, total - ttft)
@@ -198,6 +200,49 @@ def _cached(cfg: PipelineConfig, name: str, compute):
     return value
 
 
+def _row(cfg: PipelineConfig, tok, model, test: list[task.Problem], key: str, label: str, model_name: str,
+         mode: str, tau_value) -> dict:
+    """One Table-1 row on the test split (cached as eval/row_<key>_tau<τ>.json): avg@4 / pass@4 from
+    `eval_samples` samples at temperature 1.0, greedy accuracy, tokens per backbone step, commit rate, and the
+    per-problem correctness the report's bootstrap intervals resample."""
+    gen = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+
+    def row_fn():
+        sampled = generate_stats(model, tok, test, n_samples=cfg.eval_samples, do_sample=True, tau=tau_value,
+                                 seed=cfg.seed, desc=f"{key} sampled", **gen)
+        greedy = generate_stats(model, tok, test, n_samples=1, do_sample=False, tau=tau_value,
+                                desc=f"{key} greedy", **gen)
+        avg, pas = _accuracy(sampled["correct"])
+        steps = sampled["steps"] + greedy["steps"]
+        return {
+            "label": label, "model": model_name, "decoding": mode, "tau": tau_value,
+            "avg@4": avg, "pass@4": pas, "greedy_accuracy": _accuracy(greedy["correct"])[0],
+            "tokens_per_step": (sampled["tokens"] + greedy["tokens"]) / max(1, steps),
+            "commit_rate": ((sampled["committed"] + greedy["committed"]) / max(1, steps)
+                            if mode == "pipo" else None),
+            "mean_response_tokens": greedy["tokens"] / len(test),
+            "greedy_correct": [c[0] for c in greedy["correct"]],
+            "sampled_correct": sampled["correct"],
+            "examples": [{"prompt": test[i].prompt, "response": greedy["texts"][i][0],
+                          "correct": greedy["correct"][i][0]} for i in range(3)],
+        }
+
+    return _cached(cfg, f"row_{key}_tau{tau_value}", row_fn)
+
+
+def stage_eval_base(cfg: PipelineConfig) -> dict:
+    """The Table-1 rows whose τ does not depend on the sweep (student base, teacher, the heads-only MTP row): this
+    stage can run as a separate process while PIPO-SFT and OPD train; `eval` then reads them from the cache."""
+    tok = load_tokenizer(cfg)
+    test = load_split(cfg, "test")[: cfg.n_eval]
+    out = {}
+    for key, label, model_name, mode, tau in ROWS:
+        if tau != "shipped":
+            row = _row(cfg, tok, load_model(cfg.path("models", model_name)), test, key, label, model_name, mode, tau)
+            out[key] = {m: row[m] for m in ("greedy_accuracy", "avg@4", "pass@4")}
+    return out
+
+
 def stage_eval(cfg: PipelineConfig) -> dict:
     tok = load_tokenizer(cfg)
     test = load_split(cfg, "test")[: cfg.n_eval]
@@ -233,31 +278,11 @@ def stage_eval(cfg: PipelineConfig) -> dict:
     sweep = _cached(cfg, "sweep", sweep_fn)
     shipped = cfg.shipped_threshold if cfg.shipped_threshold is not None else choose_threshold(sweep["sweep"])
 
-    # 2. Table-1 rows on the test split.
+    # 2. Table-1 rows on the test split (the regular rows are usually cached already by `eval_base`).
     rows = {}
     for key, label, model_name, mode, tau in ROWS:
         tau_value = shipped if tau == "shipped" else tau
-
-        def row_fn(model=models[model_name], key=key, label=label, model_name=model_name, mode=mode,
-                   tau_value=tau_value):
-            sampled = generate_stats(model, tok, test, n_samples=cfg.eval_samples, do_sample=True, tau=tau_value,
-                                     seed=cfg.seed, desc=f"{key} sampled", **gen)
-            greedy = generate_stats(model, tok, test, n_samples=1, do_sample=False, tau=tau_value,
-                                    desc=f"{key} greedy", **gen)
-            avg, pas = _accuracy(sampled["correct"])
-            steps = sampled["steps"] + greedy["steps"]
-            return {
-                "label": label, "model": model_name, "decoding": mode, "tau": tau_value,
-                "avg@4": avg, "pass@4": pas, "greedy_accuracy": _accuracy(greedy["correct"])[0],
-                "tokens_per_step": (sampled["tokens"] + greedy["tokens"]) / max(1, steps),
-                "commit_rate": ((sampled["committed"] + greedy["committed"]) / max(1, steps)
-                                if mode == "pipo" else None),
-                "mean_response_tokens": greedy["tokens"] / len(test),
-                "examples": [{"prompt": test[i].prompt, "response": greedy["texts"][i][0],
-                              "correct": greedy["correct"][i][0]} for i in range(3)],
-            }
-
-        rows[key] = _cached(cfg, f"row_{key}_tau{tau_value}", row_fn)
+        rows[key] = _row(cfg, tok, models[model_name], test, key, label, model_name, mode, tau_value)
 
     # 3. Side-by-side batch-1 latency on the test split (one process, interleaved).
     timing = _cached(cfg, f"timing_tau{shipped}", lambda: time_side_by_side(
@@ -287,6 +312,72 @@ def stage_eval(cfg: PipelineConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Speed: TPOT/TTFT of regular vs PIPO decoding per decoding mode (re-runnable on its own)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _static_compiled_kwargs() -> dict:
+    """`generate` kwargs of the static-cache + torch.compile path (HF auto-compiles the forward only on accelerators
+    unless `compile_config._compile_all_devices` is set; this forces it on CPU too)."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig()
+    cc._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": cc}
+
+
+# name -> callable returning the extra `generate` kwargs of that mode; the same kwargs go to the regular and the PIPO
+# model, so both sides get the fastest path each has in that mode.
+SPEED_MODES = {
+    "eager": dict,
+    "static_compiled": _static_compiled_kwargs,
+}
+
+
+def measure_speed(models: dict, tok, problems: list[task.Problem], modes, tau: float, max_new_tokens: int,
+                  reps: int = 2) -> dict:
+    """Side-by-side batch-1 greedy latency of the student base (regular decoding) and the PIPO student at τ, for each
+    decoding mode in `modes` (keys of `SPEED_MODES`), in one process, interleaved per problem. A mode a model does
+    not support is recorded with its error instead of aborting the other modes."""
+    out = {}
+    for mode in modes:
+        if mode not in SPEED_MODES:
+            raise ValueError(f"unknown speed mode {mode!r}; choose from {sorted(SPEED_MODES)}")
+        extra = SPEED_MODES[mode]()
+        entries = {"regular": (models["student_base"], None), f"pipo_tau{tau}": (models["pipo_opd"], tau),
+                   "pipo_tau1.0": (models["pipo_opd"], 1.0)}
+        try:
+            timing = time_side_by_side(entries, tok, problems, max_new_tokens, reps=reps, extra=extra)
+        except Exception as err:  # noqa: BLE001  (recorded in the report; the other modes still run)
+            out[mode] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            continue
+        base = timing["regular"]
+        for key, t in timing.items():
+            t["tpot_ratio"] = base["tpot_ms"] / t["tpot_ms"]
+            t["ttft_ratio"] = base["ttft_ms"] / t["ttft_ms"]
+        out[mode] = {"tau": tau, "n_problems": len(problems), "reps": reps, "timing": timing,
+                     "tpot_ratio": timing[f"pipo_tau{tau}"]["tpot_ratio"]}
+    return out
+
+
+def stage_speed(cfg: PipelineConfig) -> dict:
+    """TPOT ratio of PIPO-SFT+OPD at the shipped τ vs regular decoding of the student base, per mode in
+    `cfg.speed_modes`. Each mode is cached under eval/speed_<mode>.json, so adding a mode later and re-running
+    `--stages speed,report --force` measures only the new one."""
+    results = json.loads(cfg.path("eval", "results.json").read_text())
+    tau = results["shipped_threshold"]
+    tok = load_tokenizer(cfg)
+    models = {name: load_model(cfg.path("models", name)) for name in ("student_base", "pipo_opd")}
+    problems = load_split(cfg, "test")[: cfg.n_timing]
+    speed = {}
+    for mode in cfg.speed_modes:
+        speed[mode] = _cached(cfg, f"speed_{mode}_tau{tau}", lambda mode=mode: measure_speed(
+            models, tok, problems, [mode], tau, cfg.max_new_tokens)[mode])
+    cfg.path("eval", "speed.json").write_text(json.dumps(speed, indent=2))
+    return {mode: v.get("tpot_ratio", v.get("error")) for mode, v in speed.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -297,18 +388,75 @@ def _fmt(value, spec=".1f", none="–"):
     return format(value, spec)
 
 
-def targets(results: dict) -> list[tuple[str, bool, str]]:
+def bootstrap_interval(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-problem `values` (resampling problems with replacement)."""
+    import random
+
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    lo = means[int((1 - level) / 2 * n_boot)]
+    hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return lo, hi
+
+
+def per_problem(row: dict, metric: str) -> list[float]:
+    """Per-problem score (0/1 or a fraction) of `metric` in {greedy, avg@4, pass@4}, in percent."""
+    if metric == "greedy":
+        return [100.0 * c for c in row["greedy_correct"]]
+    if metric == "avg@4":
+        return [100.0 * sum(c) / len(c) for c in row["sampled_correct"]]
+    if metric == "pass@4":
+        return [100.0 * any(c) for c in row["sampled_correct"]]
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def intervals(results: dict) -> dict:
+    """95% bootstrap intervals of every row's accuracies and of the paired difference PIPO-SFT+OPD − student base
+    (the same resampled problems for both)."""
     rows = results["rows"]
-    reg, opd = rows["student_regular"], rows["pipo_sft_opd"]
-    return [
-        ("PIPO-SFT+OPD pass@4 ≥ student-regular pass@4 + 5",
-         opd["pass@4"] >= reg["pass@4"] + 5, f"{opd['pass@4']:.1f} vs {reg['pass@4']:.1f} + 5"),
-        ("PIPO-SFT+OPD avg@4 ≥ student-regular avg@4 − 1",
-         opd["avg@4"] >= reg["avg@4"] - 1, f"{opd['avg@4']:.1f} vs {reg['avg@4']:.1f} − 1"),
+    out = {"rows": {}, "paired": {}}
+    for key, row in rows.items():
+        out["rows"][key] = {m: bootstrap_interval(per_problem(row, m)) for m in ("greedy", "avg@4", "pass@4")}
+    for key in ("pipo_sft_opd", "pipo_sft", "mtp_unverified"):
+        for m in ("greedy", "avg@4", "pass@4"):
+            diff = [a - b for a, b in zip(per_problem(rows[key], m), per_problem(rows["student_regular"], m))]
+            out["paired"].setdefault(key, {})[m] = {"mean": sum(diff) / len(diff), "ci": bootstrap_interval(diff)}
+    return out
+
+
+def targets(results: dict) -> list[tuple[str, bool, str]]:
+    """The issue's targets on the test split, each as (name, met, value)."""
+    rows = results["rows"]
+    reg, opd, teacher = rows["student_regular"], rows["pipo_sft_opd"], rows["teacher"]
+    rel = results["reliability"]["pipo_opd"]
+    speed = results.get("speed", {})
+    out = [
+        ("teacher greedy ≥ 85%", teacher["greedy_accuracy"] >= 85, f"{teacher['greedy_accuracy']:.1f}"),
+        ("student base greedy ≥ 50%", reg["greedy_accuracy"] >= 50, f"{reg['greedy_accuracy']:.1f}"),
+        ("teacher clearly better than the student base (greedy)",
+         teacher["greedy_accuracy"] >= reg["greedy_accuracy"] + 5,
+         f"{teacher['greedy_accuracy']:.1f} vs {reg['greedy_accuracy']:.1f}"),
+        ("PIPO-SFT+OPD greedy ≥ student base − 2", opd["greedy_accuracy"] >= reg["greedy_accuracy"] - 2,
+         f"{opd['greedy_accuracy']:.1f} vs {reg['greedy_accuracy']:.1f} − 2"),
+        ("PIPO-SFT+OPD avg@4 ≥ student base avg@4 − 2", opd["avg@4"] >= reg["avg@4"] - 2,
+         f"{opd['avg@4']:.1f} vs {reg['avg@4']:.1f} − 2"),
+        ("PIPO-SFT+OPD pass@4 ≥ student base pass@4 + 3", opd["pass@4"] >= reg["pass@4"] + 3,
+         f"{opd['pass@4']:.1f} vs {reg['pass@4']:.1f} + 3"),
         ("commit rate ≥ 70% at the shipped τ", (opd["commit_rate"] or 0) >= 0.7,
          f"{100 * (opd['commit_rate'] or 0):.1f}% at τ = {results['shipped_threshold']}"),
-        ("TPOT ratio ≥ 1.6× vs student regular decoding", opd["tpot_ratio"] >= 1.6, f"{opd['tpot_ratio']:.2f}×"),
+        ("confidence ECE ≤ 0.05", rel["ece"] <= 0.05, f"{rel['ece']:.3f}"),
+        ("confidence AUROC ≥ 0.85", rel["auroc"] >= 0.85, f"{rel['auroc']:.3f}"),
     ]
+    for mode, v in speed.items():
+        if "error" in v:
+            out.append((f"TPOT ratio ≥ 1.5× ({mode})", False, f"not measured: {v['error']}"))
+        else:
+            out.append((f"TPOT ratio ≥ 1.5× ({mode})", v["tpot_ratio"] >= 1.5, f"{v['tpot_ratio']:.2f}×"))
+    return out
 
 
 def _plots(results: dict, docs: Path) -> tuple[str, str]:
@@ -356,14 +504,22 @@ def _plots(results: dict, docs: Path) -> tuple[str, str]:
     return pareto.name, diagram.name
 
 
+def _ci(value: float, ci) -> str:
+    return f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
 def stage_report(cfg: PipelineConfig) -> dict:
     results = json.loads(cfg.path("eval", "results.json").read_text())
+    speed_file = cfg.path("eval", "speed.json")
+    results["speed"] = json.loads(speed_file.read_text()) if speed_file.exists() else {}
     docs = Path(cfg.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     pareto, diagram = _plots(results, docs)
     info = {s: read_marker(cfg, s) for s in ("train_teacher", "train_student", "sample_teacher", "sft", "opd")}
     more = read_marker(cfg, "train_teacher_more") if is_done(cfg, "train_teacher_more") else {"steps": 0, "seconds": 0}
+    sft_more = read_marker(cfg, "sft_more") if is_done(cfg, "sft_more") else None
     rows = results["rows"]
+    ci = intervals(results)
     lines = [
         "# Miniature PIPO reproduction: integer arithmetic",
         "",
@@ -371,29 +527,65 @@ def stage_report(cfg: PipelineConfig) -> dict:
         " by hand. Everything was trained from scratch on this machine's CPU (torch threads: "
         f"{results['torch_threads']}).",
         "",
-        f"Task: `Q: <expression>\\nA:` with 2–4 operands in [0, 99] and `+ - *`; the response is a chain of thought "
-        f"ending in `#### <value>`. Test split: {results['n_test']} problems (never seen in training); τ chosen on "
-        f"{results['n_val']} validation problems. Shipped threshold **τ = {results['shipped_threshold']}**.",
+        "Task: `Q: <expression>\\nA:` where `<expression>` has 2 or 3 integer operands in [0, 999] joined by `+` or "
+        "`-` (no spaces, evaluated left to right; the value may be negative). The response is a chain of thought "
+        "(one fixed-width line per operation, digit columns least-significant first with explicit carries/borrows; "
+        "see `examples/arithmetic/task.py`) ending in `#### <value>`. Scoring: `transformers_pipo.demo.is_correct`, "
+        f"the same function `pipo demo` uses. Test split: {results['n_test']} problems (never seen in training); τ "
+        f"chosen on {results['n_val']} validation problems. Shipped threshold **τ = {results['shipped_threshold']}**.",
         "",
         "## Table 1 analogue (test split)",
         "",
-        "avg@4 / pass@4: 4 samples at temperature 1.0 (no top-k/top-p). Greedy: one greedy decode. Tokens/step: real"
-        " tokens per backbone step (prefill counted as a step). Commit rate: committed drafts / backbone steps. TPOT"
-        " and TTFT ratios: student-regular latency divided by the row's latency (greedy, batch 1, measured side by"
-        " side in one process, interleaved per problem; >1 means faster).",
+        "Accuracies in %, each with its 95% bootstrap interval over test problems (2,000 resamples). avg@4 / pass@4: 4"
+        " samples at temperature 1.0 (no top-k/top-p). Greedy: one greedy decode. Tokens/step: real tokens per "
+        "backbone step (prefill counted as a step). Commit rate: committed drafts / backbone steps.",
         "",
-        "| row | τ | avg@4 | pass@4 | greedy acc | tokens/step | commit rate | TPOT ms | TPOT ratio | TTFT ms | TTFT "
-        "ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | τ | greedy acc | avg@4 | pass@4 | tokens/step | commit rate |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, row in rows.items():
+        c = ci["rows"][key]
         lines.append(
-            f"| {row['label']} | {_fmt(row['tau'], 'g')} | {row['avg@4']:.2f} | {row['pass@4']:.2f} | "
-            f"{row['greedy_accuracy']:.2f} | {row['tokens_per_step']:.2f} | "
+            f"| {row['label']} | {_fmt(row['tau'], 'g')} | {_ci(row['greedy_accuracy'], c['greedy'])} | "
+            f"{_ci(row['avg@4'], c['avg@4'])} | {_ci(row['pass@4'], c['pass@4'])} | {row['tokens_per_step']:.2f} | "
             f"{_fmt(None if row['commit_rate'] is None else 100 * row['commit_rate'])}"
-            f"{'' if row['commit_rate'] is None else '%'} | {row['tpot_ms']:.2f} | {row['tpot_ratio']:.2f}× | "
-            f"{row['ttft_ms']:.2f} | {row['ttft_ratio']:.2f}× |"
+            f"{'' if row['commit_rate'] is None else '%'} |"
         )
+    lines += [
+        "",
+        "### Paired differences vs the student base (same test problems, points, 95% bootstrap interval)",
+        "",
+        "| row − student base | greedy | avg@4 | pass@4 |",
+        "|---|---|---|---|",
+    ]
+    for key, d in ci["paired"].items():
+        lines.append(f"| {rows[key]['label']} | " + " | ".join(
+            f"{d[m]['mean']:+.1f} [{d[m]['ci'][0]:+.1f}, {d[m]['ci'][1]:+.1f}]" for m in ("greedy", "avg@4", "pass@4"))
+            + " |")
+    lines += [
+        "",
+        "## Speed (batch 1, greedy, CPU, one process, interleaved per problem)",
+        "",
+        "TPOT = decode time per generated token after the first; ratio = student-base regular TPOT / row TPOT (> 1 "
+        "is faster). Each decoding mode gives both sides the same path (`eager`: dynamic cache, no compile; "
+        "`static_compiled`: static cache + torch.compile). Re-run one mode with `--stages speed,report --force "
+        "--set 'speed_modes=[...]'`.",
+        "",
+        "| mode | row | TPOT ms | TPOT ratio | TTFT ms | TTFT ratio | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, v in results["speed"].items():
+        if "error" in v:
+            lines.append(f"| {mode} | not measured: {v['error']} | | | | | |")
+            continue
+        for key, t in v["timing"].items():
+            lines.append(f"| {mode} | {key} | {t['tpot_ms']:.2f} | {t['tpot_ratio']:.2f}× | {t['ttft_ms']:.2f} | "
+                         f"{t['ttft_ratio']:.2f}× | {t['tokens_per_s']:.1f} |")
+    lines += ["", "Eager TPOT of every Table-1 row (same conditions, measured in the `eval` stage):", "",
+              "| row | TPOT ms | TPOT ratio | TTFT ms | TTFT ratio |", "|---|---|---|---|---|"]
+    for key, row in rows.items():
+        lines.append(f"| {row['label']} | {row['tpot_ms']:.2f} | {row['tpot_ratio']:.2f}× | {row['ttft_ms']:.2f} | "
+                     f"{row['ttft_ratio']:.2f}× |")
     lines += ["", "## Targets", "", "| target | met | value |", "|---|---|---|"]
     for name, ok, value in targets(results):
         lines.append(f"| {name} | {'yes' if ok else '**no**'} | {value} |")
@@ -427,26 +619,36 @@ def stage_report(cfg: PipelineConfig) -> dict:
                      f"{r['ece']:.3f} | {r['auroc']:.3f} |")
     t, s, st = info["train_teacher"], info["train_student"], info["sample_teacher"]
     c = results["config"]
+    more_sft = c.get("sft_more_steps") or ()
+    more_sft = (more_sft,) if isinstance(more_sft, int) else tuple(more_sft)
     lines += [
         "",
         "## How the models were made",
         "",
         f"- Teacher: Qwen3-style, hidden {c['teacher']['hidden_size']}, {c['teacher']['num_hidden_layers']} layers,"
-        f" {t['params'] / 1e6:.2f}M parameters, {t['steps']} + {more['steps']} (continued run, fresh problems) steps "
-        f"× {c['base_batch_size']} sequences on the reference chain of thought "
-        f"({(t['seconds'] + more['seconds']) / 60:.1f} min).",
+        f" {t['params'] / 1e6:.2f}M parameters, "
+        + ("the student base below trained further for " if c.get("teacher_init") == "student_base" else "")
+        + f"{t['steps']} + {more['steps']} (continued run) steps × {c['base_batch_size']} sequences of the reference "
+        f"chain of thought on problems the student base never saw ({(t['seconds'] + more['seconds']) / 60:.1f} min).",
         f"- Student base: Qwen3-style, hidden {c['student']['hidden_size']}, {c['student']['num_hidden_layers']} "
-        f"layers, {s['params'] / 1e6:.2f}M parameters, {s['steps']} steps × {c['base_batch_size']} on different "
-        f"train problems ({s['seconds'] / 60:.1f} min).",
-        f"- Teacher trajectories: {st['sampled']} samples at temperature 1.0 on train prompts, {st['kept']} correct "
-        f"kept ({100 * st['teacher_sample_accuracy']:.1f}%), mean {st['mean_response_tokens']:.1f} tokens.",
+        f"layers, {s['params'] / 1e6:.2f}M parameters, {s['steps']} steps × {c['base_batch_size']} on other "
+        f"train problems ({s['seconds'] / 60:.1f} min; trained at the same time as the teacher, as a second "
+        "process).",
+        (f"- PIPO SFT data: the reference chain of thought of {st['reference_top_up']} train prompts (disjoint from "
+         "both base models' problems and the OPD prompts): a correct teacher sample of this deterministic format is "
+         f"the same text; mean {st['mean_response_tokens']:.1f} tokens." if st.get("sft_data") == "reference" else
+         f"- Teacher trajectories: {st['sampled']} samples at temperature 1.0 on train prompts, {st['kept']} correct "
+         f"kept ({100 * st['teacher_sample_accuracy']:.1f}%), mean {st['mean_response_tokens']:.1f} tokens."),
         "- Conversion: `PipoForCausalLM.from_backbone(student_base, tokenizer=tok)` (MLP compressor, MTP layer "
         "copied from the last backbone layer, the tokenizer's dedicated `<pad>` is the PIPO PAD).",
         f"- MTP row: `PipoSFTTrainer(train_mode='heads')`, {c['mtp_only_steps']} steps: only compressor, MTP head "
         "and confidence head train, the backbone is the token-level student; decoded with τ < 0 (every draft "
         "committed, no verification) — the closest analogue here of the paper's unverified native-MTP row.",
-        f"- PIPO-SFT: `PipoSFTTrainer(train_mode='full')`, {c['sft_steps']} steps × {c['sft_batch_size']}, PAD "
-        f"augmentation `split` with r ~ U[0, 0.25] ({info['sft']['seconds'] / 60:.1f} min).",
+        f"- PIPO-SFT: `PipoSFTTrainer(train_mode='full')`, {c['sft_steps']} steps"
+        + (" + continued runs of " + " + ".join(str(n) for n in more_sft) + f" steps (lr {c['sft_more_lr']:g}, each"
+           " with its own warm-up and cosine schedule)" if any(more_sft) else "")
+        + f" × {c['sft_batch_size']}, PAD augmentation `split` with r ~ U[0, 0.25] "
+        f"({(info['sft']['seconds'] + (sft_more or {}).get('seconds', 0)) / 60:.1f} min).",
         f"- PIPO-SFT+OPD: `PipoOPDTrainer`, {c['opd_steps']} steps × {c['opd_batch_size']} on-policy PIPO rollouts "
         f"(τ = {c['opd_threshold']} during rollouts), full reverse KL to the teacher, confidence target "
         f"1 − TV ({info['opd']['seconds'] / 60:.1f} min).",
@@ -456,7 +658,7 @@ def stage_report(cfg: PipelineConfig) -> dict:
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]
     (docs / "RESULTS.md").write_text("\n".join(lines))
-    return {"results": str(docs / "RESULTS.md"), "targets": [(n, ok) for n, ok, _ in targets(results)]}
+    return {"results": str(docs / "RESULTS.md"), "targets": [(n, ok, v) for n, ok, v in targets(results)]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -492,7 +694,8 @@ def stage_export(cfg: PipelineConfig) -> dict:
         "Embedded demo models of the arithmetic reproduction (examples/arithmetic), written by its `export` stage.\n\n"
         f"- `pipo_student/`: the PIPO-SFT+OPD student, generation_config τ = {tau}.\n"
         "- `student_base/`: the ordinary causal LM it was converted from (regular-decoding baseline).\n"
-        "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws from it.\n\n"
+        "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws fresh problems of "
+        "the same family instead.\n\n"
         "Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; see docs/RESULTS.md.\n"
     )
     return {"bytes": sizes, "total_mb": total / 2**20, "threshold": tau}

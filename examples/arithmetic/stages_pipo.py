@@ -40,15 +40,16 @@ def stage_convert(cfg: PipelineConfig) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "pad_token_id": model.config.pad_token_id}
 
 
-def _run_sft(cfg: PipelineConfig, name: str, train_mode: str, steps: int, lr: float) -> dict:
+def _run_sft(cfg: PipelineConfig, name: str, train_mode: str, steps: int, lr: float,
+             init: str = "pipo_converted", run_name: str | None = None) -> dict:
     from transformers_pipo.training import PipoSFTConfig, PipoSFTTrainer
 
     tok = load_tokenizer(cfg)
     tok.padding_side = "right"
-    model = load_model(cfg.path("models", "pipo_converted"))
+    model = load_model(cfg.path("models", init))
     records = _sft_records(cfg)
     args = PipoSFTConfig(
-        **schedule_args(cfg, name, steps),
+        **schedule_args(cfg, run_name or name, steps),
         train_mode=train_mode,
         per_device_train_batch_size=cfg.sft_batch_size,
         learning_rate=lr,
@@ -81,6 +82,25 @@ def stage_sft_mtp_only(cfg: PipelineConfig) -> dict:
 
 def stage_sft(cfg: PipelineConfig) -> dict:
     return _run_sft(cfg, "pipo_sft", "full", cfg.sft_steps, cfg.sft_lr)
+
+
+def stage_sft_more(cfg: PipelineConfig) -> dict:
+    """Continued PIPO-SFT runs of `models/pipo_sft`, one per entry of `sft_more_steps` (each a new warm-up + cosine
+    at `sft_more_lr`), saved over it: the backbone was still relearning its task on pair inputs when the first
+    run's schedule ended. Finished runs are recorded in models/pipo_sft/sft_more.json and skipped on a re-run."""
+    import json
+
+    record = cfg.path("models", "pipo_sft", "sft_more.json")
+    done = json.loads(record.read_text()) if record.exists() else []
+    for r, steps in enumerate(cfg.sft_more_steps):
+        if r < len(done) or steps <= 0:
+            continue
+        info = _run_sft(cfg, "pipo_sft", "full", steps, cfg.sft_more_lr, init="pipo_sft",
+                        run_name=f"pipo_sft_more{r + 1}")
+        info.pop("log", None)
+        done.append({"round": r + 1, **info})
+        record.write_text(json.dumps(done, indent=2))
+    return {"rounds": done, "steps": sum(x["steps"] for x in done), "seconds": sum(x["seconds"] for x in done)}
 
 
 def stage_opd(cfg: PipelineConfig) -> dict:

@@ -1,28 +1,53 @@
-"""The arithmetic task of the miniature PIPO reproduction (fixed format; other checks rely on it).
+"""The arithmetic task of the miniature PIPO reproduction (fixed format; outside checks draw their own problems).
 
-- Problems: integer expressions with 2 to 4 operands in [0, 99], operators from {+, -, *}, usual precedence, no
-  parentheses, no spaces. The value may be negative.
+- Problems: 2 or 3 integer operands in [0, 999] joined by ``+`` or ``-``, no spaces, evaluated left to right; the
+  value may be negative.
 - Prompt: ``Q: <expression>\\nA:``.
-- Response: a step-by-step chain of thought ending with the line ``#### <integer result>`` (EOS is appended by the
-  tokenizer side, not here). A response is correct when the integer after the last ``####`` equals the exact value.
+- Response: a chain of thought ending with the line ``#### <integer result>`` (EOS is appended by the tokenizer side,
+  not here). The task definition itself (generator, exact evaluator, answer parser and THE scorer `is_correct`) lives
+  in `transformers_pipo.demo`, so that `pipo demo` and this pipeline's evaluator score with one function.
 
-The chain of thought first folds every multiplication chain left to right. A product whose right factor has two
-digits is split into tens and units (``47*83=47*80+47*3``), so that every line a model must compute is a product by a
-single digit, a product by a multiple of ten, or an addition. Then the remaining sum is folded left to right.
+The chain of thought is designed for a tiny character-level transformer with rotary positions: one line per
+operation, fixed width, and every digit a function of a few tokens at *constant* distances before it (no counting).
+Numbers are written as a sign and 4 digits least-significant first ("rev4": 123 -> ``3210``). A line is
+
+    <sign><|acc| rev4><op><operand rev4>:<carries rev4><digits rev4>[~<carries rev4><digits rev4>]=<sign><|result| rev4>
+
+When the sign of the running value and the sign the operator gives the operand agree, the magnitudes are added;
+otherwise the operand's magnitude is subtracted from the running magnitude. ``<carries>`` holds each column's
+carry (addition) or borrow (subtraction) out, ``<digits>`` each column's result digit; column i's carry sits 10 tokens
+after the running value's digit i and its result digit 14 tokens after it. A subtraction whose last column borrows
+went below zero: a ``~`` follows and the reverse subtraction (operand minus running magnitude) is written, whose
+result takes the operand's sign. The result is copied at the end of the line, so the next line copies it from 6
+tokens back. Zero is always ``+0000``. The last two lines give the value with 4 digits in normal order and the answer
+``#### <value>``.
+
+    Q: 123+456-789
+    A: +3210+6540:00009750=+9750
+    +9750-9870:01110979~00000120=-0120
+    -0210
+    #### -210
 """
 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
-OPERATORS = ("+", "-", "*")
-MIN_OPERANDS, MAX_OPERANDS = 2, 4
-MAX_OPERAND = 99
+from transformers_pipo.demo import (  # the task definition shared with `pipo demo`
+    MAX_OPERAND,
+    MAX_OPERANDS,
+    MIN_OPERANDS,
+    OPERATORS,
+    evaluate,
+    format_prompt,
+    is_correct,
+    parse_answer,
+    parse_expression,
+    random_expression,
+)
 
-_EXPRESSION_RE = re.compile(r"^\d{1,2}(?:[+\-*]\d{1,2})*$")
-_ANSWER_RE = re.compile(r"####\s*(-?\d+)\s*$")
+WIDTH = 4  # digits of every magnitude in the chain of thought (|running value| ≤ 2997)
 
 
 @dataclass(frozen=True)
@@ -35,119 +60,63 @@ class Problem:
         return format_prompt(self.expression)
 
 
-def format_prompt(expression: str) -> str:
-    return f"Q: {expression}\nA:"
-
-
 def tokenize_expression(expression: str) -> tuple[list[int], list[str]]:
-    """Split ``"47*83-5"`` into operands ``[47, 83, 5]`` and operators ``["*", "-"]``; raise ValueError if malformed.
-
-    Operands must be integers in [0, 99] written without sign, spaces or leading zeros (``"0"`` itself is fine).
-    """
-    if not isinstance(expression, str) or not _EXPRESSION_RE.fullmatch(expression):
-        raise ValueError(f"not a task expression: {expression!r}")
-    operands: list[int] = []
-    operators: list[str] = []
-    for part in re.split(r"([+\-*])", expression):
-        if part in OPERATORS:
-            operators.append(part)
-            continue
-        if len(part) > 1 and part[0] == "0":
-            raise ValueError(f"operand with a leading zero in {expression!r}")
-        operands.append(int(part))
-    if not MIN_OPERANDS <= len(operands) <= MAX_OPERANDS:
-        raise ValueError(f"{expression!r} has {len(operands)} operands; the task uses {MIN_OPERANDS}..{MAX_OPERANDS}")
-    return operands, operators
+    """Operands and operators of `expression` (ValueError when it is not a task expression)."""
+    return parse_expression(expression)
 
 
-def _terms(operands: list[int], operators: list[str]) -> list[tuple[int, list[int]]]:
-    """Group into signed product terms: ``47*83-5`` -> ``[(+1, [47, 83]), (-1, [5])]``."""
-    terms = [(1, [operands[0]])]
-    for op, value in zip(operators, operands[1:]):
-        if op == "*":
-            terms[-1][1].append(value)
+def rev4(n: int) -> str:
+    """``n`` (0 ≤ n < 10⁴) as 4 digits, least-significant first."""
+    return f"{n:0{WIDTH}d}"[::-1]
+
+
+def _columns(a: int, b: int, subtract: bool) -> tuple[str, str, int]:
+    """``a ± b`` column by column, least-significant first: (carries/borrows out, result digits, final carry)."""
+    carries, digits, c = [], [], 0
+    for i in range(WIDTH):
+        da, db = (a // 10**i) % 10, (b // 10**i) % 10
+        d = da - db - c if subtract else da + db + c
+        c = int(d < 0) if subtract else int(d >= 10)
+        carries.append(str(c))
+        digits.append(str(d % 10))
+    return "".join(carries), "".join(digits), c
+
+
+def step_line(acc: int, op: str, operand: int) -> tuple[str, int]:
+    """One chain-of-thought line computing ``acc op operand``; returns the line and the new running value."""
+    sign_acc = "-" if acc < 0 else "+"
+    sign_operand = "+" if op == "+" else "-"
+    magnitude = abs(acc)
+    line = f"{sign_acc}{rev4(magnitude)}{op}{rev4(operand)}:"
+    if sign_acc == sign_operand:
+        carries, digits, _ = _columns(magnitude, operand, subtract=False)
+        line += carries + digits
+        result, sign = magnitude + operand, sign_acc
+    else:
+        carries, digits, borrow = _columns(magnitude, operand, subtract=True)
+        line += carries + digits
+        if borrow:
+            carries, digits, _ = _columns(operand, magnitude, subtract=True)
+            line += "~" + carries + digits
+            result, sign = operand - magnitude, sign_operand
         else:
-            terms.append((1 if op == "+" else -1, [value]))
-    return terms
-
-
-def evaluate(expression: str) -> int:
-    """Exact value with the usual precedence (``*`` before ``+``/``-``, left to right); independent of ``eval``."""
-    total = 0
-    for sign, factors in _terms(*tokenize_expression(expression)):
-        product = 1
-        for factor in factors:
-            product *= factor
-        total += sign * product
-    return total
-
-
-def _multiply_lines(left: int, right: int) -> list[str]:
-    """Lines computing ``left*right``: one line when a factor is a single digit or ``right`` is a multiple of ten,
-    else the tens/units split."""
-    product = left * right
-    tens, units = divmod(right, 10)
-    if left < 10 or right < 10 or units == 0:
-        return [f"{left}*{right}={product}"]
-    high, low = left * tens * 10, left * units
-    return [
-        f"{left}*{right}={left}*{tens}0+{left}*{units}",
-        f"{left}*{tens}0={high}",
-        f"{left}*{units}={low}",
-        f"{high}+{low}={product}",
-    ]
+            result, sign = magnitude - operand, sign_acc
+    if result == 0:
+        sign = "+"
+    return f"{line}={sign}{rev4(result)}", result if sign == "+" else -result
 
 
 def chain_of_thought(expression: str) -> str:
     """The reference response (without EOS) for an expression, ending with ``#### <value>``."""
-    operands, operators = tokenize_expression(expression)
-    lines: list[str] = []
-    values: list[tuple[int, int]] = []
-    for sign, factors in _terms(operands, operators):
-        acc = factors[0]
-        for factor in factors[1:]:
-            lines.extend(_multiply_lines(acc, factor))
-            acc *= factor
-        values.append((sign, acc))
-    if len(values) > 1:
-        reduced = str(values[0][1]) + "".join(("+" if s > 0 else "-") + str(v) for s, v in values[1:])
-        if "*" in operators:
-            lines.append(reduced)
-        acc = values[0][1]
-        for sign, value in values[1:]:
-            new = acc + sign * value
-            lines.append(f"{acc}{'+' if sign > 0 else '-'}{value}={new}")
-            acc = new
-    else:
-        acc = values[0][1]
+    operands, operators = parse_expression(expression)
+    lines, acc = [], operands[0]
+    for op, operand in zip(operators, operands[1:]):
+        line, acc = step_line(acc, op, operand)
+        lines.append(line)
     assert acc == evaluate(expression)
+    lines.append(f"{'-' if acc < 0 else '+'}{abs(acc):0{WIDTH}d}")
     lines.append(f"#### {acc}")
     return " " + "\n".join(lines)
-
-
-def parse_answer(response: str) -> int | None:
-    """The integer after the last ``####`` on the final non-empty line, or None when there is none."""
-    if not isinstance(response, str):
-        return None
-    lines = [line for line in response.strip().splitlines() if line.strip()]
-    if not lines:
-        return None
-    match = _ANSWER_RE.search(lines[-1])
-    return int(match.group(1)) if match else None
-
-
-def is_correct(response: str, answer: int) -> bool:
-    value = parse_answer(response)
-    return value is not None and value == answer
-
-
-def random_expression(rng: random.Random) -> str:
-    n = rng.randint(MIN_OPERANDS, MAX_OPERANDS)
-    parts = [str(rng.randint(0, MAX_OPERAND))]
-    for _ in range(n - 1):
-        parts.append(rng.choice(OPERATORS))
-        parts.append(str(rng.randint(0, MAX_OPERAND)))
-    return "".join(parts)
 
 
 def make_splits(
@@ -160,7 +129,7 @@ def make_splits(
     seen: set[str] = set()
     splits: dict[str, list[Problem]] = {}
     for offset, (name, size) in enumerate((("test", n_test), ("validation", n_val), ("train", n_train))):
-        rng = random.Random(f"pipo-arithmetic/{seed}/{offset}")
+        rng = random.Random(f"pipo-arithmetic-v2/{seed}/{offset}")
         problems: list[Problem] = []
         while len(problems) < size:
             expression = random_expression(rng)
@@ -173,4 +142,10 @@ def make_splits(
 
 
 # Every character the task's texts can contain (the tokenizer vocabulary is trained on the corpus and must cover it).
-ALPHABET = tuple("0123456789+-*=#QA: \n")
+ALPHABET = tuple("0123456789+-=:~#QA \n")
+
+__all__ = [
+    "ALPHABET", "MAX_OPERAND", "MAX_OPERANDS", "MIN_OPERANDS", "OPERATORS", "Problem", "WIDTH", "chain_of_thought",
+    "evaluate", "format_prompt", "is_correct", "make_splits", "parse_answer", "random_expression", "rev4", "step_line",
+    "tokenize_expression",
+]

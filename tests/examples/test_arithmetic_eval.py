@@ -51,3 +51,50 @@ def test_config_overrides_and_stage_names():
     assert cfg.sft_steps == 7 and cfg.thresholds == (0.5,) and cfg.student.hidden_size == 8
     for stage in run_pipeline.STAGE_ORDER:
         assert callable(run_pipeline._stage_function(stage))
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
+    import random
+
+    from examples.arithmetic.stages_eval import bootstrap_interval
+
+    rng = random.Random(0)
+    small = [float(rng.random() < 0.6) for _ in range(100)]
+    large = [float(rng.random() < 0.6) for _ in range(2000)]
+    lo, hi = bootstrap_interval(small)
+    assert lo < sum(small) / len(small) < hi
+    lo2, hi2 = bootstrap_interval(large)
+    assert hi2 - lo2 < (hi - lo) / 2  # ~1/sqrt(n)
+    # binomial standard error: the 95% interval is about ±1.96·sqrt(p(1-p)/n)
+    p = sum(large) / len(large)
+    assert abs((hi2 - lo2) / 2 - 1.96 * (p * (1 - p) / len(large)) ** 0.5) < 0.01
+    assert bootstrap_interval([1.0] * 50) == (1.0, 1.0)
+
+
+def test_intervals_pair_the_same_problems():
+    """A row equal to the base except on 10 of 200 problems: the paired difference is exactly +5 points with a
+    narrow interval, much narrower than either row's own interval."""
+    from examples.arithmetic.stages_eval import intervals
+
+    base_greedy = [i % 2 == 0 for i in range(200)]
+    better = [True if i < 20 else c for i, c in enumerate(base_greedy)]  # 10 odd problems flip to correct
+    sampled = [[c] * 4 for c in base_greedy]
+    rows = {key: {"greedy_correct": base_greedy, "sampled_correct": sampled}
+            for key in ("student_regular", "pipo_sft", "mtp_unverified", "teacher")}
+    rows["pipo_sft_opd"] = {"greedy_correct": better, "sampled_correct": [[c] * 4 for c in better]}
+    ci = intervals({"rows": rows})
+    d = ci["paired"]["pipo_sft_opd"]["greedy"]
+    assert d["mean"] == pytest.approx(5.0)
+    own = ci["rows"]["pipo_sft_opd"]["greedy"]
+    assert 0 < d["ci"][0] <= 5.0 <= d["ci"][1] and d["ci"][1] - d["ci"][0] < (own[1] - own[0]) / 2
+    assert ci["paired"]["pipo_sft"]["pass@4"]["mean"] == 0 and ci["paired"]["pipo_sft"]["pass@4"]["ci"] == (0, 0)
+
+
+def test_speed_modes_are_known_and_unknown_ones_are_rejected():
+    from examples.arithmetic.stages_eval import SPEED_MODES, measure_speed
+
+    assert {"eager", "static_compiled"} <= set(SPEED_MODES)
+    assert SPEED_MODES["eager"]() == {}
+    assert SPEED_MODES["static_compiled"]()["cache_implementation"] == "static"
+    with pytest.raises(ValueError, match="unknown speed mode"):
+        measure_speed({}, None, [], ["turbo"], 0.5, 8)

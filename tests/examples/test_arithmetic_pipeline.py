@@ -1,5 +1,5 @@
 """Smoke run of the whole arithmetic pipeline at toy sizes (`--quick`): every stage runs, writes its marker, and a
-second invocation skips them all. Marked slow (about half a minute on 2 CPU cores)."""
+second invocation skips them all. Marked slow (30 s to a few minutes on 2 shared CPU cores, with the load)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,13 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
         assert (out / "markers" / f"{stage}.done.json").exists(), stage
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["rows"]) == {"student_regular", "mtp_unverified", "pipo_sft", "pipo_sft_opd", "teacher"}
-    assert (out / "docs" / "RESULTS.md").exists() and (out / "docs" / "arithmetic_pareto.png").exists()
+    for row in results["rows"].values():
+        assert len(row["greedy_correct"]) == results["n_test"] and len(row["sampled_correct"][0]) == 4
+    speed = json.loads((out / "eval" / "speed.json").read_text())
+    assert set(speed) == {"eager"} and speed["eager"]["tpot_ratio"] > 0
+    report = (out / "docs" / "RESULTS.md").read_text()
+    assert "95% bootstrap interval" in report and "Paired differences" in report and "| eager |" in report
+    assert (out / "docs" / "arithmetic_pareto.png").exists()
     assert (out / "assets" / "pipo_student" / "config.json").exists()
     capsys.readouterr()
     assert run_pipeline.main(["--quick", "--out", str(out)]) == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ._fast_path import add_fast_path_argument, apply_fast_path
 
@@ -17,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Solve fresh arithmetic problems with the embedded PIPO model vs regular decoding, side by side.",
         description=__doc__,
     )
-    parser.add_argument("--n", type=int, default=6, help="Number of problems (default 6).")
+    parser.add_argument("--n", type=int, default=8, help="Number of fresh problems (default 8).")
     parser.add_argument("--threshold", type=float, default=None,
                         help="Confidence threshold τ (<0 commits every draft, >=1 none); default: the shipped τ.")
     parser.add_argument("--seed", type=int, default=None, help="Seed of the problem draw (default: random).")
@@ -53,12 +52,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(items):
         return tqdm(items, desc="solving", unit="problem", file=sys.stderr, disable=None)
 
-    problems_file = None
-    if args.pipo_model:  # a custom model folder: use the test split next to it when there is one
-        candidate = Path(args.pipo_model).resolve().parent / "test_problems.jsonl"
-        problems_file = candidate if candidate.exists() else Path(args.pipo_model) / "__none__"
-    report = demo.compare(args.n, threshold=args.threshold, seed=args.seed, models=models, progress=progress,
-                          problems_file=problems_file)
+    report = demo.compare(args.n, threshold=args.threshold, seed=args.seed, models=models, progress=progress)
     if args.json:
         print(json.dumps(demo.as_json(report), indent=2))
         return 0
