@@ -108,9 +108,12 @@ def time_side_by_side(entries: dict, tok, problems: list[task.Problem], max_new_
 
     TPOT = (total − TTFT) / (tokens − 1) summed over problems; tokens/s = tokens / total.
     """
-    for model, tau in entries.values():  # warm-up (a compiled mode compiles here)
-        _time_one(model, tok, problems[0].prompt, 8, tau, extra)
-        _time_one(model, tok, problems[0].prompt, max_new_tokens, tau, extra)
+    # Warm-up on the longest prompt: a compiled mode compiles here, and the static caches it keeps are then large
+    # enough for every timed problem (a longer prompt later would rebuild them and recompile inside the timing).
+    longest = max(problems, key=lambda p: len(tok(p.prompt)["input_ids"])).prompt
+    for model, tau in entries.values():
+        _time_one(model, tok, longest, 8, tau, extra)
+        _time_one(model, tok, longest, max_new_tokens, tau, extra)
     acc = {k: {"ttft": [], "decode": 0.0, "decode_tokens": 0, "total": 0.0, "tokens": 0} for k in entries}
     for _ in range(reps):
         for p in tqdm(problems, desc="timing", unit="problem", leave=False):
