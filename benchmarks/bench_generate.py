@@ -312,7 +312,12 @@ def main(argv=None) -> int:
                 "compute_bound_tpot_limit": compute_bound_limit(parts),
             }
     print_report(results)
-    out = Path(args.out)
+    return write_results(results, args.out)
+
+
+def write_results(results: dict, path: str) -> int:
+    """Write the results JSON (creating its folder) and say where; returns the exit code."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
@@ -526,11 +531,7 @@ def run_compiled(args) -> int:
                 "compute_bound_tpot_limit": None if parts is None else compute_bound_limit(parts),
             }
     print_compiled_report(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
-    return 0
+    return write_results(results, args.out)
 
 
 def print_compiled_report(results: dict) -> None:
