@@ -25,6 +25,7 @@ _EXPORTS = {
 _TRAINING_EXPORTS = ("PipoDataCollator", "PipoSFTConfig", "PipoSFTTrainer", "PipoOPDConfig", "PipoOPDTrainer")
 _registered = False
 _registering = False
+_after_transformers: list = []  # callbacks waiting for transformers (see after_transformers_import)
 
 
 def register_auto_classes() -> None:
@@ -62,8 +63,24 @@ def _half_imported() -> bool:
     return False
 
 
+def after_transformers_import(callback) -> None:
+    """Call `callback(transformers)` once transformers is fully imported: now if it is, else from the same import
+    hook that registers the PIPO classes (before they are registered). The CLI quiets transformers this way without
+    importing it for `pipo --help`."""
+    module = sys.modules.get("transformers")
+    if module is not None and not _half_imported():
+        callback(module)
+        return
+    _after_transformers.append(callback)
+    _RegisterOnImport.install()
+
+
 def _register_when_ready() -> None:
-    if not _registered and "transformers" in sys.modules and not _half_imported():
+    if "transformers" not in sys.modules or _half_imported():
+        return
+    while _after_transformers:
+        _after_transformers.pop(0)(sys.modules["transformers"])
+    if not _registered:
         register_auto_classes()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import importlib.util
 import logging
 import os
 import re
@@ -108,7 +107,9 @@ def quiet_optional_dependencies(loading_bars: bool = False) -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     # transformers' own warnings and its weight-loading bars, once it is imported (not before: keeps --help fast).
-    _after_import("transformers", lambda module: _quiet_transformers(module, loading_bars))
+    from transformers_pipo import after_transformers_import
+
+    after_transformers_import(lambda module: _quiet_transformers(module, loading_bars))
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*kernels.*")
@@ -120,31 +121,6 @@ def _quiet_transformers(transformers, loading_bars: bool) -> None:
     hf_logging.set_verbosity_error()
     if not loading_bars:
         hf_logging.disable_progress_bar()
-
-
-def _after_import(name: str, callback) -> None:
-    """Call `callback(module)` now if `name` is imported, else right after the first `import name`."""
-    if name in sys.modules:
-        callback(sys.modules[name])
-        return
-    import importlib.abc
-
-    class _Hook(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname != name:
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(fullname)
-            original = spec.loader.exec_module
-
-            def exec_module(module):
-                original(module)
-                callback(module)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _Hook())
 
 
 def check_model_path(value: str | None, flag: str) -> None:

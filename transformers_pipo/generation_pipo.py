@@ -433,23 +433,11 @@ def _prepare_caches(model, generation_config, cache, batch: int, latents: int, r
                 f"to {latents} latents (prompt pairs + max_new_tokens)."
             )
     else:
-        cache = _reuse_static(pool.get("backbone"), batch, latents)
-        if cache is None:
-            cache = StaticCache(config=model.config.get_text_config(), max_cache_len=latents)
-            cache._pipo_capacity = latents
-        else:
-            cache.reset()
-        pool["backbone"] = cache
+        cache = _kept_static(pool, "backbone", batch, latents,
+                             lambda: StaticCache(config=model.config.get_text_config(), max_cache_len=latents))
     mtp_cache = None
     if run_mtp:
-        mtp_cache = _reuse_static(pool.get("mtp"), batch, latents)
-        if mtp_cache is None:
-            mtp_cache = model.new_mtp_cache(max_cache_len=latents)
-            mtp_cache._pipo_capacity = latents
-        else:
-            mtp_cache.reset()
-        pool["mtp"] = mtp_cache
-    pool["batch"] = batch
+        mtp_cache = _kept_static(pool, "mtp", batch, latents, lambda: model.new_mtp_cache(max_cache_len=latents))
     model._pipo_static_caches = pool
     compiled = None
     if model._valid_auto_compile_criteria({"cache": cache}, generation_config):
@@ -477,13 +465,20 @@ def _static_cache_blocker(model) -> str | None:
     return None
 
 
-def _reuse_static(cache, batch: int, latents: int):
-    """The kept static cache when it fits this call (same batch, enough positions), else None."""
-    if cache is None or getattr(cache, "_pipo_capacity", 0) < latents:
-        return None
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False) and getattr(layer, "batch_size", batch) != batch:
-            return None
+def _kept_static(pool: dict, key: str, batch: int, latents: int, make):
+    """The static cache kept under `pool[key]`, reset, when it fits this call (same batch, enough positions); else a
+    new one from `make()`, kept in its place."""
+    cache = pool.get(key)
+    fits = cache is not None and getattr(cache, "_pipo_capacity", 0) >= latents and all(
+        not getattr(layer, "is_initialized", False) or getattr(layer, "batch_size", batch) == batch
+        for layer in cache.layers
+    )
+    if fits:
+        cache.reset()
+    else:
+        cache = make()
+        cache._pipo_capacity = latents
+        pool[key] = cache
     return cache
 
 

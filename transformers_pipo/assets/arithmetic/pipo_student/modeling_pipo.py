@@ -23,7 +23,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput, logging
 
-from .configuration_pipo import PipoConfig, _backbone_hidden_size
+from .configuration_pipo import PipoConfig, _as_id_list, _backbone_hidden_size
 from .generation_pipo import DEFAULT_CONFIDENCE_THRESHOLD, pipo_generate_entry
 from .modelcard_pipo import write_model_card
 
@@ -932,12 +932,6 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         return (pipo, tokenizer) if return_tokenizer else pipo
 
 
-def _eos_ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else list(value)
-
-
 @dataclass
 class PadEosLayout:
     """Outcome of [`resolve_pad_and_eos`]: the PAD and the EOS lists of the converted model."""
@@ -970,7 +964,7 @@ def _unique(ids) -> list[int]:
 
 def _drop(value, pad: int):
     """`value` (None, int or list of ids) without `pad`, keeping its shape; None when nothing is left."""
-    ids = [i for i in _eos_ids(value) if i != pad]
+    ids = [i for i in _as_id_list(value) if i != pad]
     if not ids:
         return None
     return ids[0] if isinstance(value, int) else ids
@@ -988,8 +982,8 @@ def resolve_pad_and_eos(
 
     Pure: reads the backbone config, its generation config and the tokenizer, changes none of them.
     """
-    config_eos = _eos_ids(getattr(backbone_config, "eos_token_id", None))
-    generation_eos = _eos_ids(getattr(generation_config, "eos_token_id", None)) if generation_config else []
+    config_eos = _as_id_list(getattr(backbone_config, "eos_token_id", None))
+    generation_eos = _as_id_list(getattr(generation_config, "eos_token_id", None)) if generation_config else []
     tokenizer_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     stop_ids = _unique(generation_eos + config_eos + [tokenizer_eos])
 
@@ -1036,7 +1030,7 @@ def resolve_pad_and_eos(
     if new_generation_eos is None and removed:
         new_generation_eos = fallback
     if new_config_eos is None and removed:
-        ids = _eos_ids(new_generation_eos)
+        ids = _as_id_list(new_generation_eos)
         new_config_eos = ids[0] if len(ids) == 1 else (ids or None)
     if not removed:
         new_config_eos = getattr(backbone_config, "eos_token_id", None)
