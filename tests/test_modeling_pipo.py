@@ -71,7 +71,7 @@ def test_forward_backward_reaches_every_trainable_part(family):
     assert out.backbone_loss > 0 and out.mtp_loss > 0 and out.confidence_loss > 0
     out.loss.backward()
 
-    groups = {"compressor.": [], "mtp.": [], "model.": [], "confidence_head.": []}
+    groups = {"model.compressor.": [], "model.mtp.": [], "model.backbone.": [], "model.confidence_head.": []}
     for name, param in model.named_parameters():
         for prefix in groups:
             if name.startswith(prefix):
@@ -82,7 +82,7 @@ def test_forward_backward_reaches_every_trainable_part(family):
             assert param.grad is not None, f"no gradient reached {name}"
             assert torch.isfinite(param.grad).all(), name
             # mtp.fc starts as [0 | I] (hidden only), so the embedding-side norm gets an exactly-zero gradient at init.
-            if not name.startswith("mtp.pre_fc_norm_embedding."):
+            if not name.startswith("model.mtp.pre_fc_norm_embedding."):
                 assert param.grad.abs().sum() > 0, f"zero gradient for {name}"
 
 
@@ -107,7 +107,7 @@ def test_confidence_loss_is_detached_from_backbone_and_mtp(family):
     model = tiny_pipo(family).train()
     grads = _confidence_grads(model, random_ids(2, 12))
     for name, grad in grads.items():
-        if name.startswith("confidence_head."):
+        if name.startswith("model.confidence_head."):
             assert grad.abs().sum() > 0, name
         else:
             assert grad.abs().sum() == 0, f"confidence loss leaks a gradient into {name}"
@@ -117,8 +117,8 @@ def test_confidence_detach_switch_is_what_stops_the_gradient():
     # Control for the test above: without detaching, the same measurement sees gradients in backbone and MTP.
     model = tiny_pipo("qwen3", detach_confidence_inputs=False).train()
     grads = _confidence_grads(model, random_ids(2, 12))
-    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("model.layers.")) > 0
-    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("mtp.layers.")) > 0
+    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("model.backbone.layers.")) > 0
+    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("model.mtp.layers.")) > 0
 
 
 def test_confidence_target_is_detached_even_without_input_detach():
@@ -154,7 +154,7 @@ def test_from_backbone_keeps_backbone_and_lm_head_bit_identical(family):
     prefix = source.base_model_prefix + "."
     state = model.state_dict()
     for key, value in reference.items():
-        ours = "model." + key[len(prefix):] if key.startswith(prefix) else key
+        ours = "model.backbone." + key[len(prefix):] if key.startswith(prefix) else key
         assert torch.equal(state[ours], value), key
     assert torch.equal(model.lm_head.weight, head)
     assert model.config.pad_token_id == PAD_ID
@@ -171,7 +171,7 @@ def test_from_backbone_path_is_bit_identical(family, tmp_path):
     model = PipoForCausalLM.from_backbone(tmp_path, pad_token_id=PAD_ID)
     state = model.state_dict()
     for key, value in source.state_dict().items():
-        assert torch.equal(state[key], value), key
+        assert torch.equal(state[key.replace("model.", "model.backbone.", 1)], value), key
     assert model.config.mtp_init == "last_layer"
 
 
@@ -322,9 +322,9 @@ def test_native_mtp_weights_load_bit_exactly(family, tmp_path):
     assert model.config.mtp_init == "native"
     state = model.state_dict()
     for key, value in native.items():
-        assert torch.equal(state[key], value), key
+        assert torch.equal(state["model." + key], value), key
     for key, value in source.state_dict().items():  # the backbone is untouched by the extra keys
-        assert torch.equal(state[key], value), key
+        assert torch.equal(state[key.replace("model.", "model.backbone.", 1)], value), key
     with torch.no_grad():
         out = model(random_ids(1, 10))
     assert torch.isfinite(out.mtp_logits).all()
@@ -391,7 +391,7 @@ def test_exact_indexing_matches_oracle_and_hand_losses(family, pick):
         E = model.get_input_embeddings()
         picked = x[:, 0::2] if pick == "first" else x[:, 1::2]
         positions = torch.arange(L).unsqueeze(0).expand(B, -1)
-        h_ref = model.model(inputs_embeds=E(picked), position_ids=positions).last_hidden_state
+        h_ref = model.model.backbone(inputs_embeds=E(picked), position_ids=positions).last_hidden_state
         logits_ref = model.lm_head(h_ref)
         tok1 = x[:, 2::2]
         u = F.linear(
@@ -404,9 +404,9 @@ def test_exact_indexing_matches_oracle_and_hand_losses(family, pick):
 
     assert torch.equal(out.pair_input_ids, x) and torch.equal(out.pair_labels, labels)
     assert out.logits.shape == (B, L, VOCAB) and out.mtp_logits.shape == (B, L - 1, VOCAB)
-    torch.testing.assert_close(out.hidden_states, h_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state, h_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.logits, logits_ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.mtp_hidden_states, m_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.mtp_last_hidden_state, m_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.mtp_logits, mtp_logits_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.confidence_logits, conf_ref, rtol=0, atol=1e-5)
 
@@ -859,7 +859,7 @@ class _Ids:
     ],
 )
 def test_pad_eos_rule_table(config_eos, gen_eos, tok_eos, tok_pad, explicit, pad, add, new_config_eos, new_gen_eos):
-    from transformers_pipo.modeling_pipo import resolve_pad_and_eos
+    from transformers_pipo.conversion.backbone import resolve_pad_and_eos
 
     config = _Ids(eos_token_id=config_eos, pad_token_id=None)
     gen = None if gen_eos is None else _Ids(eos_token_id=gen_eos)
@@ -871,7 +871,7 @@ def test_pad_eos_rule_table(config_eos, gen_eos, tok_eos, tok_pad, explicit, pad
 
 
 def test_pad_eos_rule_refuses_an_explicit_pad_that_is_the_only_eos():
-    from transformers_pipo.modeling_pipo import resolve_pad_and_eos
+    from transformers_pipo.conversion.backbone import resolve_pad_and_eos
 
     with pytest.raises(ValueError, match=r"pad_token_id=2 equals an EOS id and is the backbone's only one \(\[2\]\)"):
         resolve_pad_and_eos(_Ids(eos_token_id=2, pad_token_id=None), _Ids(eos_token_id=[2]), None, pad_token_id=2)

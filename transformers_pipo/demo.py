@@ -7,8 +7,11 @@ and ship inside the package, so `pipo demo` works offline on a fresh machine:
   validation split);
 - `BASE_MODEL_DIR`: the ordinary causal LM it was converted from, decoded token by token as the baseline.
 
-Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and work with
-`pipeline("text-generation")`.
+They are package data: config, weights, generation config and tokenizer, **no code** (no `.py` files, no
+`auto_map`). The `pipo` model type resolves to this package's classes, which `import transformers_pipo` registers, so
+both load with `AutoModelForCausalLM.from_pretrained(path)` (with or without `trust_remote_code`) and work with
+`pipeline("text-generation")`. [`save_embedded_model`] writes them (the reproduction's export stage calls it); a
+checkpoint meant for sharing is written by `save_pretrained`/`push_to_hub`, which add the remote-code files.
 
 This module also holds the task definition, once: prompts `Q: <expression>\\nA:` where the expression has 2 or 3
 integers in [0, 999] joined by `+` or `-` (no spaces, evaluated left to right); a response is correct when the integer
@@ -114,6 +117,39 @@ def fresh_problems(n: int, seed: int | None = None) -> list[str]:
         if expression not in out:
             out.append(expression)
     return out
+
+
+def save_embedded_model(model, folder, tokenizer=None) -> None:
+    """Save `model` (and `tokenizer`) as package data: weights, config, generation config, no remote code.
+
+    `save_pretrained` of a PIPO model copies its `.py` files and writes `auto_map`, which a shared checkpoint needs;
+    the embedded models are loaded by the installed package instead, so both are left out here (the code exists
+    once, in the package). No model card either: the assets' README describes them.
+    """
+    config = model.config
+    saved = {obj: obj.__dict__.get("_auto_class", _UNSET) for obj in (model, config)}
+    auto_map = config.__dict__.pop("auto_map", _UNSET)
+    try:
+        for obj in saved:
+            obj._auto_class = None  # instance attribute: shadows the class-level registration while saving
+        card = {"model_card": False} if getattr(config, "model_type", None) == "pipo" else {}
+        model.save_pretrained(folder, **card)
+    finally:
+        for obj, value in saved.items():
+            if value is _UNSET:
+                obj.__dict__.pop("_auto_class", None)
+            else:
+                obj._auto_class = value
+        if auto_map is not _UNSET:
+            config.auto_map = auto_map
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    leftovers = sorted(p.name for p in Path(folder).glob("*.py"))
+    if leftovers:
+        raise RuntimeError(f"{folder}: remote-code files written for an embedded model: {leftovers}")
+
+
+_UNSET = object()
 
 
 def load_models(pipo_dir=None, base_dir=None):
@@ -225,5 +261,5 @@ def as_json(report: dict) -> dict:
     }
 
 
-__all__ = ["PIPO_MODEL_DIR", "BASE_MODEL_DIR", "load_models", "solve", "compare", "fresh_problems", "evaluate",
+__all__ = ["PIPO_MODEL_DIR", "BASE_MODEL_DIR", "save_embedded_model", "load_models", "solve", "compare", "fresh_problems", "evaluate",
            "parse_answer", "is_correct", "parse_expression", "random_expression", "format_prompt"]

@@ -452,16 +452,16 @@ def _static_cache_blocker(model) -> str | None:
     try:
         probe = StaticCache(config=model.config.get_text_config(), max_cache_len=1)
     except (ValueError, TypeError, KeyError) as err:
-        return f"{type(model.model).__name__} has no static cache layout ({err})"
+        return f"{type(model.backbone).__name__} has no static cache layout ({err})"
     recurrent = sorted({type(layer).__name__ for layer in probe.layers if not hasattr(layer, "max_cache_len")})
     if recurrent:
         # Linear-attention layers (Qwen3.5) carry a recurrent state instead of per-position keys and read the 2D
         # padding mask by its last columns, so a fixed-width mask over static slots would mask the new position.
-        return (f"{type(model.model).__name__} has recurrent cache layers ({', '.join(recurrent)}) that hold no "
+        return (f"{type(model.backbone).__name__} has recurrent cache layers ({', '.join(recurrent)}) that hold no "
                 "per-position KV slots")
     if not probe.is_compileable:
         kinds = sorted({type(layer).__name__ for layer in probe.layers if not layer.is_compileable})
-        return f"{type(model.model).__name__} cache layers {kinds} cannot be static"
+        return f"{type(model.backbone).__name__} cache layers {kinds} cannot be static"
     return None
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from transformers_pipo.demo import save_embedded_model
+
 from . import task
 from .common import PipelineConfig, decode_new, is_done, left_pad, read_marker, write_jsonl
 from .stages_base import _order_by_difficulty, load_model, load_split, load_tokenizer
@@ -685,8 +687,7 @@ def stage_export(cfg: PipelineConfig) -> dict:
         if name == "pipo_student":
             model.generation_config.pipo_confidence_threshold = tau
         model.generation_config.max_new_tokens = cfg.max_new_tokens
-        model.save_pretrained(target)
-        tok.save_pretrained(target)
+        save_embedded_model(model, target, tok)  # package data: no remote-code copies (the package holds the code)
         sizes[name] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     write_jsonl(dest / "test_problems.jsonl",
                 ({"expression": p.expression, "answer": p.answer} for p in load_split(cfg, "test")))
@@ -699,6 +700,7 @@ def stage_export(cfg: PipelineConfig) -> dict:
         "- `student_base/`: the ordinary causal LM it was converted from (regular-decoding baseline).\n"
         "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws fresh problems of "
         "the same family instead.\n\n"
-        "Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; see docs/RESULTS.md.\n"
+        "They hold config, weights and tokenizer, no code: with `transformers_pipo` imported both load with "
+        "`AutoModelForCausalLM.from_pretrained(path)` (`trust_remote_code` optional); see docs/RESULTS.md.\n"
     )
     return {"bytes": sizes, "total_mb": total / 2**20, "threshold": tau}

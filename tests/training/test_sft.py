@@ -128,10 +128,10 @@ def test_trainable_groups(tmp_path, mode):
                              processing_class=pad_tokenizer())
     trainer.train()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
-    assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed  # always frozen
-    assert any(k.startswith("compressor.") for k in changed) and any(k.startswith("mtp.") for k in changed)
-    assert any(k.startswith("confidence_head.") for k in changed)
-    backbone_changed = any(k.startswith("model.layers.") for k in changed)
+    assert "model.backbone.embed_tokens.weight" not in changed and "lm_head.weight" not in changed  # always frozen
+    assert any(k.startswith("model.compressor.") for k in changed) and any(k.startswith("model.mtp.") for k in changed)
+    assert any(k.startswith("model.confidence_head.") for k in changed)
+    backbone_changed = any(k.startswith("model.backbone.layers.") for k in changed)
     assert backbone_changed == (mode == "full")
 
 

@@ -27,8 +27,14 @@ from .params import TRAIN_MODES, configure_trainable, count_parameters, lora_con
 class PipoTrainingMixinArguments:
     """Fields shared by [`PipoSFTConfig`] and [`PipoOPDConfig`]: loss weights, trainable groups, LoRA, data layout."""
 
-    mtp_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the MTP (token2) loss."})
-    confidence_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the confidence-head BCE."})
+    mtp_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the MTP (token2) loss, written to the model config (None: keep the config's)."},
+    )
+    confidence_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the confidence-head BCE, written to the model config (None: keep the config's)."},
+    )
     loss_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Tokens per LM-head chunk in the losses (None: the model config's loss_chunk_size)."},
@@ -82,8 +88,10 @@ class PipoTrainingMixinArguments:
             raise ValueError(f"pad_augmentation must be one of {PAD_AUGMENTATIONS}, got {self.pad_augmentation!r}.")
         if not 0.0 <= self.max_pad_ratio <= 1.0:
             raise ValueError(f"max_pad_ratio must lie in [0, 1], got {self.max_pad_ratio}.")
-        if self.mtp_loss_weight < 0 or self.confidence_loss_weight < 0:
-            raise ValueError("mtp_loss_weight and confidence_loss_weight must be >= 0.")
+        for name in ("mtp_loss_weight", "confidence_loss_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
 
@@ -112,6 +120,16 @@ class PipoSFTConfig(PipoTrainingMixinArguments, TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         self.validate_pipo_fields()
+
+
+def apply_loss_settings(model, args: PipoTrainingMixinArguments) -> None:
+    """Write the loss settings given in `args` (weights, chunk size) into the PIPO config, the one place the losses
+    read them from (and that a saved checkpoint records); fields left at None keep the config's values."""
+    config = pipo_base(model).config
+    for name in ("mtp_loss_weight", "confidence_loss_weight", "loss_chunk_size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
 
 
 def _check_pipo_model(model) -> None:
@@ -309,9 +327,6 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         peft_config: a custom peft config for `train_mode="lora"` (default: built from the `lora_*` fields).
     """
 
-    # Each loss is a per-micro-batch mean: Trainer must divide by the accumulation steps itself.
-    loss_is_scaled_for_ga = False
-
     def __init__(
         self,
         model=None,
@@ -328,8 +343,7 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         if not isinstance(args, PipoSFTConfig):
             raise TypeError(f"PipoSFTTrainer needs a PipoSFTConfig, got {type(args).__name__}.")
         model = load_pipo_model(model)
-        if args.loss_chunk_size is not None:
-            pipo_base(model).config.loss_chunk_size = args.loss_chunk_size
+        apply_loss_settings(model, args)
         args.remove_unused_columns = False
         if args.train_mode == "lora" and peft_config is None:
             peft_config = args.make_lora_config()
@@ -366,15 +380,19 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         self.parameter_counts = count_parameters(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The model's own loss (`pipo_sft_loss`), normalised by `num_items_in_batch` like transformers' causal-LM
+        # losses, so gradient accumulation gives the update of one step over the whole accumulated batch.
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             labels=inputs["labels"],
             return_logits=False,
             use_cache=False,
+            num_items_in_batch=num_items_in_batch,
         )
-        args = self.args
-        loss = out.backbone_loss + args.mtp_loss_weight * out.mtp_loss + args.confidence_loss_weight * out.confidence_loss
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # Trainer's convention for token-averaged losses
         with torch.no_grad():
             stats = {
                 "backbone_loss": out.backbone_loss,
@@ -426,6 +444,7 @@ def save_merged(model, output_dir: str, tokenizer=None):
 
 __all__ = [
     "PipoSFTConfig",
+    "apply_loss_settings",
     "PipoSFTTrainer",
     "save_merged",
     "load_pipo_model",
