@@ -127,19 +127,21 @@ def save_embedded_model(model, folder, tokenizer=None) -> None:
     once, in the package). No model card either: the assets' README describes them.
     """
     config = model.config
-    saved = {obj: obj.__dict__.get("_auto_class", _UNSET) for obj in (model, config)}
+    # `save_pretrained` ships code when the class is registered for an auto class (`is_remote_code()` reads the
+    # class attribute): lift the registration for this one save, and drop an `auto_map` read from a saved folder.
+    classes = [(cls, cls.__dict__.get("_auto_class", _UNSET)) for cls in (type(model), type(config))]
     auto_map = config.__dict__.pop("auto_map", _UNSET)
     try:
-        for obj in saved:
-            obj._auto_class = None  # instance attribute: shadows the class-level registration while saving
+        for cls, _ in classes:
+            cls._auto_class = None
         card = {"model_card": False} if getattr(config, "model_type", None) == "pipo" else {}
         model.save_pretrained(folder, **card)
     finally:
-        for obj, value in saved.items():
+        for cls, value in classes:
             if value is _UNSET:
-                obj.__dict__.pop("_auto_class", None)
+                del cls._auto_class
             else:
-                obj._auto_class = value
+                cls._auto_class = value
         if auto_map is not _UNSET:
             config.auto_map = auto_map
     if tokenizer is not None:
