@@ -875,3 +875,73 @@ def test_pad_eos_rule_refuses_an_explicit_pad_that_is_the_only_eos():
 
     with pytest.raises(ValueError, match=r"pad_token_id=2 equals an EOS id and is the backbone's only one \(\[2\]\)"):
         resolve_pad_and_eos(_Ids(eos_token_id=2, pad_token_id=None), _Ids(eos_token_id=[2]), None, pad_token_id=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loss under gradient accumulation (DESIGN §2.3): `num_items_in_batch` as in transformers' causal-LM losses
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _ga_rows(n: int = 8, width: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Rows of different lengths and prompt lengths (odd and even boundaries), right-padded to `width`: the labelled
+    token counts differ between micro-batches, which is what a per-micro-batch mean gets wrong."""
+    g = torch.Generator().manual_seed(11)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(6, width + 1, (1,), generator=g))
+        prompt = 1 + i % 5 if i < n // 2 else length - 2
+        ids = torch.full((width,), PAD_ID)
+        ids[:length] = torch.randint(3, PAD_ID, (length,), generator=g)
+        labels = torch.full((width,), IGNORE)
+        labels[prompt:length] = ids[prompt:length]
+        mask = torch.zeros(width, dtype=torch.long)
+        mask[:length] = 1
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return rows
+
+
+def _one_trainer_step(tmp_path, rows, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_pipo("qwen3", compressor_type="linear").train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=1, learning_rate=0.5, optim="sgd", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+        warmup_steps=0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        dataloader_drop_last=False,
+    )
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_plain_trainer_gradient_accumulation_equals_one_big_batch(tmp_path, accumulation):
+    """`transformers.Trainer` passes `num_items_in_batch`; the PIPO loss normalises by it, so k accumulation steps of
+    batch 8/k give the parameters of one step over the 8 rows (fp32, SGD, no clipping)."""
+    rows = _ga_rows(8)
+    start = {k: v.detach().clone() for k, v in tiny_pipo("qwen3", compressor_type="linear").named_parameters()}
+    big = _one_trainer_step(tmp_path / "big", rows, batch_size=8, accumulation=1)
+    accumulated = _one_trainer_step(tmp_path / "ga", rows, batch_size=8 // accumulation, accumulation=accumulation)
+    moved = 0.0
+    for name, value in big.items():
+        update_big, update_ga = value - start[name], accumulated[name] - start[name]
+        moved = max(moved, float(update_big.abs().max()))
+        torch.testing.assert_close(update_ga, update_big, rtol=1e-4, atol=1e-6, msg=name)
+    assert moved > 1e-3  # the step really changed the parameters
+
+
+def test_num_items_in_batch_makes_the_loss_additive_over_micro_batches():
+    """Summing the losses of micro-batches normalised by the total count equals the loss of the whole batch."""
+    model = tiny_pipo("qwen3")
+    batch = {k: torch.stack([r[k] for r in _ga_rows(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    total = int((batch["labels"][:, 1:] != IGNORE).sum())  # what Trainer counts for a causal LM
+    with torch.no_grad():
+        whole = model(**batch, num_items_in_batch=total)
+        parts = [model(**{k: v[s] for k, v in batch.items()}, num_items_in_batch=total)
+                 for s in (slice(0, 3), slice(3, 8))]
+    for name in ("loss", "backbone_loss", "mtp_loss", "confidence_loss"):
+        torch.testing.assert_close(sum(getattr(p, name) for p in parts), getattr(whole, name), msg=name)
+    # Without num_items_in_batch each term is its own mean (the reference objective): not additive.
+    with torch.no_grad():
+        means = [model(**{k: v[s] for k, v in batch.items()}).backbone_loss for s in (slice(0, 3), slice(3, 8))]
+    assert abs(float(sum(means)) - float(whole.backbone_loss)) > 1e-3
