@@ -41,7 +41,7 @@ def _build(family: str):
     torch.manual_seed(0)
     source = AutoModelForCausalLM.from_config(tiny_backbone_config(family, vocab_size=len(tokenizer)))
     model, tokenizer = PipoForCausalLM.from_backbone(
-        source, tokenizer, compressor_type="mlp", return_tokenizer=True, confidence_threshold=0.8
+        source, tokenizer, compressor_type="mlp", return_tokenizer=True, pipo_confidence_threshold=0.8
     )
     # Move every PIPO head away from its init, so a reload that re-initialised them would be caught.
     with torch.no_grad():

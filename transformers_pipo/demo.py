@@ -190,10 +190,10 @@ class Solution:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def solve(model, tokenizer, expression: str, *, threshold: float | None = None, max_new_tokens: int = 128,
-          do_sample: bool = False, streamer=None) -> Solution:
-    """Answer one problem (batch 1) with `model`: PIPO decoding for a PIPO model (τ = `threshold`, else the
-    model's generation_config), ordinary decoding otherwise. Timing covers the whole `generate` call."""
+def solve(model, tokenizer, expression: str, *, pipo_confidence_threshold: float | None = None,
+          max_new_tokens: int = 128, do_sample: bool = False, streamer=None) -> Solution:
+    """Answer one problem (batch 1) with `model`: PIPO decoding for a PIPO model (τ = `pipo_confidence_threshold`,
+    else the model's generation_config), ordinary decoding otherwise. Timing covers the whole `generate` call."""
     import torch
 
     enc = tokenizer(format_prompt(expression), return_tensors="pt", add_special_tokens=False)
@@ -202,8 +202,8 @@ def solve(model, tokenizer, expression: str, *, threshold: float | None = None, 
     if do_sample:
         kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
     pipo = getattr(model.config, "model_type", None) == "pipo"
-    if pipo and threshold is not None:
-        kwargs["pipo_confidence_threshold"] = threshold
+    if pipo and pipo_confidence_threshold is not None:
+        kwargs["pipo_confidence_threshold"] = pipo_confidence_threshold
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, **kwargs)
@@ -219,21 +219,24 @@ def solve(model, tokenizer, expression: str, *, threshold: float | None = None, 
                     len(real), steps, committed, seconds)
 
 
-def compare(n: int = 8, *, threshold: float | None = None, seed: int | None = None, models=None, progress=None):
+def compare(n: int = 8, *, pipo_confidence_threshold: float | None = None, seed: int | None = None, models=None,
+            progress=None):
     """Solve `n` fresh problems with PIPO and with regular decoding of the base model, side by side (greedy).
 
     Returns `{"threshold", "problems": [{"pipo": Solution, "regular": Solution}], "summary": {...}}`. The first
     problem is solved once by both models before timing starts (warm-up).
     """
+    from .generation_pipo import commit_rate
+
     pipo, base, tok = models or load_models()
-    tau = threshold if threshold is not None else getattr(pipo.generation_config, "pipo_confidence_threshold", None)
+    tau = pipo_confidence_threshold if pipo_confidence_threshold is not None else getattr(pipo.generation_config, "pipo_confidence_threshold", None)
     expressions = fresh_problems(n, seed)
-    solve(pipo, tok, expressions[0], threshold=tau, max_new_tokens=8)  # warm-up
+    solve(pipo, tok, expressions[0], pipo_confidence_threshold=tau, max_new_tokens=8)  # warm-up
     solve(base, tok, expressions[0], max_new_tokens=8)
     results = []
     iterator = progress(expressions) if progress is not None else expressions
     for expression in iterator:
-        results.append({"pipo": solve(pipo, tok, expression, threshold=tau),
+        results.append({"pipo": solve(pipo, tok, expression, pipo_confidence_threshold=tau),
                         "regular": solve(base, tok, expression)})
 
     def total(key, attr):
@@ -245,7 +248,7 @@ def compare(n: int = 8, *, threshold: float | None = None, seed: int | None = No
         "n": len(results),
         "pipo_accuracy": sum(r["pipo"].correct for r in results) / max(1, len(results)),
         "regular_accuracy": sum(r["regular"].correct for r in results) / max(1, len(results)),
-        "commit_rate": total("pipo", "committed_drafts") / max(1, total("pipo", "backbone_steps")),
+        "commit_rate": commit_rate(total("pipo", "committed_drafts"), total("pipo", "backbone_steps")),
         "tokens_per_backbone_step": total("pipo", "tokens") / max(1, total("pipo", "backbone_steps")),
         "pipo_tokens_per_s": pipo_tps,
         "regular_tokens_per_s": base_tps,

@@ -525,9 +525,11 @@ class PipoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Heads kept in fp32 and never quantized (quantizers match these names from the start of a module path, so the
+    # causal LM names them under its `model.`). The non-strict list only upcasts under fp16; the strict one also keeps
+    # them fp32 when loading in bf16, matching from_backbone (which builds them in fp32), so a bf16 save -> load round
+    # trip is lossless.
     _keep_in_fp32_modules = ["compressor", "confidence_head"]
-    # The non-strict list only upcasts under fp16; the strict one also keeps these heads fp32 when loading in bf16,
-    # matching from_backbone (which builds them in fp32), so a bf16 save -> load round trip is lossless.
     _keep_in_fp32_modules_strict = ["compressor", "confidence_head"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -886,6 +888,8 @@ class PipoForCausalLM(PipoModelCardMixin, PipoPreTrainedModel, GenerationMixin):
     # Tensor parallelism: the LM head is sharded over the vocabulary and gathers its output (as in the backbones'
     # own *ForCausalLM); the backbone's plan comes from its config, the MTP layer's from `PipoMTPHead`.
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _keep_in_fp32_modules = ["model.compressor", "model.confidence_head"]
+    _keep_in_fp32_modules_strict = ["model.compressor", "model.confidence_head"]
 
     def __init__(self, config: PipoConfig):
         super().__init__(config)

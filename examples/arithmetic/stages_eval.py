@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from transformers_pipo.demo import save_embedded_model
+from transformers_pipo.generation_pipo import commit_rate
 
 from . import task
 from .common import PipelineConfig, decode_new, is_done, left_pad, read_marker, write_jsonl
@@ -151,7 +152,7 @@ def reliability(model, tok, problems: list[task.Problem], batch_size: int = 64) 
         batch = collator(records)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         labels = out.pair_labels[:, 3::2]
-        valid = labels != -100
+        valid = labels != IGNORE_INDEX
         pred = out.mtp_logits.argmax(-1)
         confs.append(torch.sigmoid(out.confidence_logits[valid]).float())
         hits.append((pred[valid] == labels[valid]).float())
@@ -223,7 +224,7 @@ def _row(cfg: PipelineConfig, tok, model, test: list[task.Problem], key: str, la
             "label": label, "model": model_name, "decoding": mode, "tau": tau_value,
             "avg@4": avg, "pass@4": pas, "greedy_accuracy": _accuracy(greedy["correct"])[0],
             "tokens_per_step": (sampled["tokens"] + greedy["tokens"]) / max(1, steps),
-            "commit_rate": ((sampled["committed"] + greedy["committed"]) / max(1, steps)
+            "commit_rate": (commit_rate(sampled["committed"] + greedy["committed"], steps)
                             if mode == "pipo" else None),
             "mean_response_tokens": greedy["tokens"] / len(test),
             "greedy_correct": [c[0] for c in greedy["correct"]],
@@ -271,7 +272,7 @@ def stage_eval(cfg: PipelineConfig) -> dict:
             points.append({
                 "tau": tau,
                 "greedy_accuracy": _accuracy(r["correct"])[0],
-                "commit_rate": r["committed"] / max(1, r["steps"]),
+                "commit_rate": commit_rate(r["committed"], r["steps"]),
                 "tokens_per_step": r["tokens"] / max(1, r["steps"]),
                 "tokens_per_s": timing[f"tau={tau}"]["tokens_per_s"],
                 "tpot_ms": timing[f"tau={tau}"]["tpot_ms"],

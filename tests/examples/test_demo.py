@@ -121,7 +121,7 @@ def test_pipo_demo_json(capsys):
 def test_pipo_demo_text(capsys):
     from transformers_pipo.cli import main
 
-    assert main(["demo", "--n", "1", "--seed", "1", "--threshold", "1.0"]) == 0
+    assert main(["demo", "--n", "1", "--seed", "1", "--pipo-confidence-threshold", "1.0"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "commit rate   0.0%" in out  # τ >= 1 never commits a draft
 

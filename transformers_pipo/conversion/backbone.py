@@ -37,7 +37,7 @@ def from_backbone(
     compressor_type: str = "mlp",
     mtp_init: str | None = None,
     mtp_fc_init: str = "hidden_only",
-    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
+    pipo_confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
     return_tokenizer: bool = False,
     backbone_kwargs: dict | None = None,
     model_class: type[PipoForCausalLM] = PipoForCausalLM,
@@ -76,13 +76,16 @@ def from_backbone(
     Returns the model, or `(model, tokenizer)` with `return_tokenizer=True`.
 
     Args:
-        confidence_threshold: τ saved as `generation_config.pipo_confidence_threshold`.
+        pipo_confidence_threshold: τ saved as `generation_config.pipo_confidence_threshold`.
         backbone_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when a path is given (dtype, ...).
         model_class: the PIPO class to build (`PipoForCausalLM.from_backbone` passes its own class).
         config_kwargs: extra [`PipoConfig`] fields (loss weights, `confidence_hidden_size`, ...).
     """
     from transformers import AutoModelForCausalLM
 
+    misspelled = sorted(set(config_kwargs) & {"confidence_threshold", "threshold", "tau"})
+    if misspelled:  # PipoConfig would silently keep an unknown field
+        raise TypeError(f"from_backbone: unknown argument(s) {misspelled}; τ is `pipo_confidence_threshold`.")
     native = None
     if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
         path = str(model_or_path)
@@ -158,7 +161,7 @@ def from_backbone(
     if pipo.generation_config.do_sample is None:
         # An explicit value stops pipeline() from injecting its sampling defaults (DESIGN §5.4).
         pipo.generation_config.do_sample = False
-    pipo.generation_config.pipo_confidence_threshold = confidence_threshold
+    pipo.generation_config.pipo_confidence_threshold = pipo_confidence_threshold
     pipo.config.name_or_path = getattr(causal_lm.config, "name_or_path", "")
     pipo.train(causal_lm.training)
     return (pipo, tokenizer) if return_tokenizer else pipo

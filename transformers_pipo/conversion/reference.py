@@ -381,7 +381,7 @@ def convert_reference(
     compressor_type: str | None = None,
     pad_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
-    confidence_threshold: float | None = None,
+    pipo_confidence_threshold: float | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     verify: bool = True,
@@ -397,7 +397,7 @@ def convert_reference(
         eos_token_id: EOS id(s) (default: `generation_config.json`'s, else the config's); the PAD is always removed,
             and when no id is left the tokenizer's `eos_token` is used (a Qwen3.5 release lists only the PAD
             248044 as EOS; its tokenizer names `<|im_end|>`, 248046).
-        confidence_threshold: τ stored in the generation config (default: the source config's
+        pipo_confidence_threshold: τ stored in the generation config (default: the source config's
             `pipo_confidence_threshold` / `conf_threshold` / `pipo_conf_threshold`, else
             `DEFAULT_CONFIDENCE_THRESHOLD` (0.95, the reference evaluation default)).
 
@@ -583,13 +583,12 @@ def convert_reference(
     gen.eos_token_id = eos
     if backbone.bos_token_id is not None and gen.bos_token_id is None:
         gen.bos_token_id = backbone.bos_token_id
-    if confidence_threshold is None:
-        confidence_threshold = pipo_fields.get("confidence_threshold")
-        if confidence_threshold is not None:
-            notes.append(f"confidence threshold {confidence_threshold} taken from the source config.")
-    gen.pipo_confidence_threshold = (
-        DEFAULT_CONFIDENCE_THRESHOLD if confidence_threshold is None else float(confidence_threshold)
-    )
+    tau = pipo_confidence_threshold
+    if tau is None:
+        tau = pipo_fields.get("confidence_threshold")
+        if tau is not None:
+            notes.append(f"confidence threshold {tau} taken from the source config.")
+    gen.pipo_confidence_threshold = DEFAULT_CONFIDENCE_THRESHOLD if tau is None else float(tau)
     # Our own generation config: with `_from_model_config` (as in files written by transformers from a model
     # config) transformers would rebuild it from config.json on load and drop the PIPO fields (τ).
     gen._from_model_config = False

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..generation_pipo import commit_rate
 from .collator import IGNORE_INDEX, PAD_AUGMENTATIONS, IndexedDataset, PipoDataCollator
 from .launch import check_distributed_launch
 from .params import TRAIN_MODES, configure_trainable, count_parameters, lora_config
@@ -247,7 +248,7 @@ def measure_commit_rate(model, prompts: list[list[int]], pad_token_id: int, max_
             steps += int(out.decode_steps.sum())
     finally:
         model.train(was_training)
-    rate = committed / steps if steps else 0.0
+    rate = commit_rate(committed, steps)
     setting = f"greedy, τ={tau:g}" if tau is not None else "greedy, default τ"
     return rate, f"{setting}, {len(prompts)} prompts, up to {max_new_tokens} new tokens"
 
