@@ -259,6 +259,30 @@ def test_confidence_head_starts_near_one_half(family):
     assert (c - 0.5).abs().max() < 0.02, c
 
 
+def test_from_backbone_changes_exactly_what_it_documents():
+    """Documented in `conversion.backbone.from_backbone`: the backbone's body and LM head are shared (not copied) and
+    resized in place when a PAD is added; the tokenizer gets its PAD in place; the backbone's config and generation
+    config are left as they were (the PIPO model has copies)."""
+    tokenizer = make_tokenizer()
+    n = len(tokenizer)
+    source = source_backbone("llama", vocab_size=n)
+    source.generation_config.eos_token_id = [EOS_ID]
+    config_before = source.config.to_dict()
+    generation_before = source.generation_config.to_dict()
+    model = PipoForCausalLM.from_backbone(source, tokenizer)
+    assert model.model.backbone is source.model and model.lm_head is source.lm_head  # shared modules
+    assert source.get_input_embeddings().weight.shape[0] == n + 1  # resized in place for the added PAD
+    assert tokenizer.pad_token == "<|pipo_pad|>" and tokenizer.pad_token_id == n  # tokenizer updated in place
+    after = source.config.to_dict()
+    assert {k: v for k, v in after.items() if k != "vocab_size"} == {
+        k: v for k, v in config_before.items() if k != "vocab_size"}  # only the resize touched the config
+    assert source.generation_config.to_dict() == generation_before
+    assert model.config.backbone_config is not source.config
+    assert model.generation_config is not source.generation_config
+    with pytest.raises(TypeError, match="pipo_confidence_threshold"):
+        PipoForCausalLM.from_backbone(source_backbone("llama"), pad_token_id=PAD_ID, confidence_threshold=0.5)
+
+
 @pytest.mark.parametrize(("family", "tied"), [("qwen3", True), ("gpt2", True), ("llama", False)])
 def test_tokenizer_without_pad_gets_dedicated_pad_and_resize(family, tied):
     tokenizer = make_tokenizer()
