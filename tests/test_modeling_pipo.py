@@ -969,3 +969,66 @@ def test_num_items_in_batch_makes_the_loss_additive_over_micro_batches():
     with torch.no_grad():
         means = [model(**{k: v[s] for k, v in batch.items()}).backbone_loss for s in (slice(0, 3), slice(3, 8))]
     assert abs(float(sum(means)) - float(whole.backbone_loss)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PipoModel / PipoForCausalLM split and the checkpoint layout (DESIGN §6.1)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_pipo_model_returns_hidden_states_the_causal_lm_projects():
+    model = tiny_pipo("llama")
+    ids = random_ids(2, 11)
+    with torch.no_grad():
+        body = model.model(ids, output_hidden_states=True)
+        full = model(ids, output_hidden_states=True)
+        last = model(ids, logits_to_keep=1)
+    assert type(model.model).__name__ == "PipoModel" and body.pair_input_ids.shape == (2, 12)
+    torch.testing.assert_close(full.last_hidden_state, body.last_hidden_state)
+    torch.testing.assert_close(full.logits, model.lm_head(body.last_hidden_state))
+    torch.testing.assert_close(full.mtp_logits, model.lm_head(body.mtp_last_hidden_state))
+    layers = model.config.backbone_config.num_hidden_layers
+    assert isinstance(body.hidden_states, tuple) and len(body.hidden_states) == layers + 1
+    assert model(ids).hidden_states is None  # only when asked for
+    torch.testing.assert_close(last.logits, full.logits[:, -1:])
+    torch.testing.assert_close(last.mtp_logits, full.mtp_logits[:, -1:])
+
+
+def _old_layout_key(key: str) -> str:
+    """The key a checkpoint saved before the PipoModel split used for `key`."""
+    if key.startswith("model.backbone."):
+        return "model." + key[len("model.backbone."):]
+    for head in ("compressor", "mtp", "confidence_head"):
+        if key.startswith(f"model.{head}."):
+            return key[len("model."):]
+    return key
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])  # tied and untied LM head
+def test_old_layout_checkpoint_loads_and_resaves_in_the_new_layout(tmp_path, family):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_pipo(family, seed=4)
+    with torch.no_grad():
+        for p in model.confidence_head.parameters():
+            p.add_(0.1)  # away from the init, so a head that failed to load is visible
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    old = {_old_layout_key(k): v for k, v in weights.items()}
+    assert "compressor.mlp.0.weight" in old and "model.embed_tokens.weight" in old
+    save_file(old, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "old", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    reference = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).confidence_logits, model(ids).confidence_logits, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "resaved")
+    with safe_open(tmp_path / "resaved" / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.compressor.mlp.0.weight" in keys and "model.backbone.embed_tokens.weight" in keys
+    assert not any(k.startswith(("compressor.", "mtp.", "confidence_head.", "model.layers.")) for k in keys)

@@ -551,7 +551,7 @@ class PipoPreTrainedModel(PreTrainedModel):
 
         A re-save writes the current layout: the legacy renaming is used for loading only.
         """
-        if cls is PipoForCausalLM or issubclass(cls, PipoForCausalLM):
+        if issubclass(cls, PipoForCausalLM):
             kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         model = super().from_pretrained(*args, **kwargs)
         loaded = model[0] if isinstance(model, tuple) else model

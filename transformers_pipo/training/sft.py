@@ -392,13 +392,18 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
             num_items_in_batch=num_items_in_batch,
         )
         loss = out.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # Trainer's convention for token-averaged losses
+        scale = 1  # per-micro-batch share of the step's loss -> the step's value, for logging
+        if num_items_in_batch is not None:
+            if self.args.average_tokens_across_devices:
+                # Trainer's convention for token-averaged losses: DDP/FSDP average the ranks' gradients.
+                loss = loss * self.accelerator.num_processes
+                scale = self.accelerator.num_processes
+            scale *= getattr(self, "current_gradient_accumulation_steps", 1) or 1
         with torch.no_grad():
             stats = {
-                "backbone_loss": out.backbone_loss,
-                "mtp_loss": out.mtp_loss,
-                "confidence_loss": out.confidence_loss,
+                "backbone_loss": out.backbone_loss * scale,
+                "mtp_loss": out.mtp_loss * scale,
+                "confidence_loss": out.confidence_loss * scale,
             }
             labels = out.pair_labels
             if out.confidence_logits is not None:
