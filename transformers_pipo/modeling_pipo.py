@@ -707,11 +707,12 @@ class PipoModel(PipoPreTrainedModel):
         position_ids: torch.LongTensor,
         cache: Cache | None = None,
         use_cache: bool = False,
+        *,
+        return_output: bool = False,
         **kwargs,
     ):
-        """Backbone body over latents; returns the post-norm hidden states `h` (the backbone's full output with
-        `return_output=True` in `kwargs`)."""
-        return_output = kwargs.pop("return_output", False)
+        """Backbone body over latents; returns the post-norm hidden states `h`, or the backbone's whole output
+        (per-layer states, attentions) with `return_output=True`. `kwargs` go to the backbone."""
         out = self.backbone(
             inputs_embeds=latents,
             attention_mask=attention_mask,
@@ -775,11 +776,11 @@ class PipoModel(PipoPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         mtp_cache: Cache | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> PipoModelOutput:
         r"""Compressor, backbone, MTP head and confidence head over token ids (DESIGN §2.3).
