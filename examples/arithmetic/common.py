@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from transformers_pipo.modeling_pipo import IGNORE_INDEX  # noqa: F401  (one definition, re-exported here)
+from transformers_pipo.modeling_pipo import IGNORE_INDEX
 
 
 @dataclass

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from transformers_pipo.demo import save_embedded_model
 from transformers_pipo.generation_pipo import commit_rate
+from transformers_pipo.modeling_pipo import IGNORE_INDEX
 
 from . import task
 from .common import PipelineConfig, decode_new, is_done, left_pad, read_marker, write_jsonl
