@@ -11,7 +11,7 @@ skipped.
 Memory is the bytes actually held by parameters and buffers (quantized storage, scales and quantization state
 included; tied tensors counted once), next to transformers' `get_memory_footprint()`. Speed is real generated
 tokens per second of the median timed call (`--repeats` calls after a process-wide and a per-mode warm-up). All
-modes are loaded first and timed round-robin, so a busy machine slows them alike. `--tau -1` (the default) commits
+modes are loaded first and timed round-robin, so a busy machine slows them alike. `--pipo-confidence-threshold -1` (the default) commits
 every draft, so each backbone step yields two tokens, as a trained model with a high commit rate would.
 
 Example (the numbers in benchmarks/results/ were produced like this):
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64, help="Prompt tokens.")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Tokens generated per call.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed generate calls per mode.")
-    parser.add_argument("--tau", type=float, default=-1.0, help="Draft gate τ (-1 commits every draft).")
+    parser.add_argument("--pipo-confidence-threshold", type=float, default=-1.0, help="Draft gate τ (-1 commits every draft).")
     parser.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated subset of {MODES}.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
@@ -159,7 +159,7 @@ def timed_generate(model, prompt, args):
         torch.cuda.synchronize()
     start = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
-                         pipo_confidence_threshold=args.tau, return_dict_in_generate=True)
+                         pipo_confidence_threshold=args.pipo_confidence_threshold, return_dict_in_generate=True)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     prompt = torch.randint(3, args.vocab - 1, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     modes = args.modes.split(",")
     for _ in range(2):  # process-wide warm-up (lazy initialisation in torch/transformers) before any timing
-        model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False, pipo_confidence_threshold=args.tau)
+        model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
+                       pipo_confidence_threshold=args.pipo_confidence_threshold)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, model_card=False)
         del model, backbone
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     base = next((r for r in results if r["mode"] == "fp32" and "skipped" not in r), None)
     print(f"\nPIPO {args.family} hidden={args.hidden} layers={args.layers} vocab={args.vocab} "
           f"({n_params / 1e6:.1f} M params), prompt {args.prompt_len}, {args.max_new_tokens} new tokens, "
-          f"tau={args.tau}, device={args.device}, threads={torch.get_num_threads()}")
+          f"tau={args.pipo_confidence_threshold}, device={args.device}, threads={torch.get_num_threads()}")
     header = (f"{'mode':<13} {'memory MiB':>10} {'vs fp32':>8} {'fp32 heads MiB':>14} {'tok/s':>8} {'ms/tok':>8} "
               f"{'vs fp32':>8}")
     print(header)

@@ -31,7 +31,7 @@ def main(out_dir: str, family: str, timeout_s: float) -> None:
 
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    for layer in model.backbone.layers:
         fully_shard(layer)
     fully_shard(model.mtp.decoder_layer())
     fully_shard(model)

@@ -36,7 +36,7 @@ def test_pipo_generate_static_path_matches_eager(saved_dir, capsys):
     outputs = []
     for path in ("eager", "static"):
         args = ["generate", "--model", str(saved_dir), "--prompt", "w5 w9 w11", "--max-new-tokens", "12",
-                "--threshold", "0.5", "--fast-path", path]
+                "--pipo-confidence-threshold", "0.5", "--fast-path", path]
         assert main(args) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and len(outputs[0].split()) > 3

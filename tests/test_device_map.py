@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from conftest import PAD_ID, tiny_backbone_config
 from transformers_pipo import PipoForCausalLM
 
-HEADS = ("compressor", "mtp", "confidence_head")
+HEADS = ("model.compressor", "model.mtp", "model.confidence_head")
 
 
 def _pipo(family: str, layers: int = 4) -> PipoForCausalLM:
@@ -49,7 +49,7 @@ def test_auto_device_map_never_splits_a_pipo_head(compressor_type):
         )
         for name in device_map:
             assert not any(name.startswith(head + ".") for head in HEADS), (fraction, name, device_map)
-            assert not name.startswith("mtp.layers.0."), (fraction, name)
+            assert not name.startswith("model.mtp.layers.0."), (fraction, name)
         seen_split_points.add(tuple(sorted(device_map.items())))
     assert len(seen_split_points) > 3  # the sweep really moved the boundary around
 
@@ -143,8 +143,8 @@ def test_tensor_parallel_tp_plan_auto_on_two_gloo_processes(tmp_path):
         assert result["world"] == 2
         assert result["plan"]["lm_head"] == "colwise_gather_output"
         # (the LM head is tied to the vocabulary-sharded embedding, so it is listed once, as the embedding)
-        expected = {"model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight",
-                    "mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.0.mlp.down_proj.weight"}
+        expected = {"model.backbone.embed_tokens.weight", "model.backbone.layers.1.mlp.down_proj.weight",
+                    "model.mtp.layers.0.self_attn.q_proj.weight", "model.mtp.layers.0.mlp.down_proj.weight"}
         assert expected <= set(result["sharded"]), result["sharded"]
         assert all(value < 1e-5 for value in result["diff"].values()), result["diff"]
         assert result["same_generation"]

@@ -71,7 +71,7 @@ def test_forward_backward_reaches_every_trainable_part(family):
     assert out.backbone_loss > 0 and out.mtp_loss > 0 and out.confidence_loss > 0
     out.loss.backward()
 
-    groups = {"compressor.": [], "mtp.": [], "model.": [], "confidence_head.": []}
+    groups = {"model.compressor.": [], "model.mtp.": [], "model.backbone.": [], "model.confidence_head.": []}
     for name, param in model.named_parameters():
         for prefix in groups:
             if name.startswith(prefix):
@@ -82,7 +82,7 @@ def test_forward_backward_reaches_every_trainable_part(family):
             assert param.grad is not None, f"no gradient reached {name}"
             assert torch.isfinite(param.grad).all(), name
             # mtp.fc starts as [0 | I] (hidden only), so the embedding-side norm gets an exactly-zero gradient at init.
-            if not name.startswith("mtp.pre_fc_norm_embedding."):
+            if not name.startswith("model.mtp.pre_fc_norm_embedding."):
                 assert param.grad.abs().sum() > 0, f"zero gradient for {name}"
 
 
@@ -107,7 +107,7 @@ def test_confidence_loss_is_detached_from_backbone_and_mtp(family):
     model = tiny_pipo(family).train()
     grads = _confidence_grads(model, random_ids(2, 12))
     for name, grad in grads.items():
-        if name.startswith("confidence_head."):
+        if name.startswith("model.confidence_head."):
             assert grad.abs().sum() > 0, name
         else:
             assert grad.abs().sum() == 0, f"confidence loss leaks a gradient into {name}"
@@ -117,8 +117,8 @@ def test_confidence_detach_switch_is_what_stops_the_gradient():
     # Control for the test above: without detaching, the same measurement sees gradients in backbone and MTP.
     model = tiny_pipo("qwen3", detach_confidence_inputs=False).train()
     grads = _confidence_grads(model, random_ids(2, 12))
-    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("model.layers.")) > 0
-    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("mtp.layers.")) > 0
+    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("model.backbone.layers.")) > 0
+    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("model.mtp.layers.")) > 0
 
 
 def test_confidence_target_is_detached_even_without_input_detach():
@@ -154,7 +154,7 @@ def test_from_backbone_keeps_backbone_and_lm_head_bit_identical(family):
     prefix = source.base_model_prefix + "."
     state = model.state_dict()
     for key, value in reference.items():
-        ours = "model." + key[len(prefix):] if key.startswith(prefix) else key
+        ours = "model.backbone." + key[len(prefix):] if key.startswith(prefix) else key
         assert torch.equal(state[ours], value), key
     assert torch.equal(model.lm_head.weight, head)
     assert model.config.pad_token_id == PAD_ID
@@ -171,7 +171,7 @@ def test_from_backbone_path_is_bit_identical(family, tmp_path):
     model = PipoForCausalLM.from_backbone(tmp_path, pad_token_id=PAD_ID)
     state = model.state_dict()
     for key, value in source.state_dict().items():
-        assert torch.equal(state[key], value), key
+        assert torch.equal(state[key.replace("model.", "model.backbone.", 1)], value), key
     assert model.config.mtp_init == "last_layer"
 
 
@@ -259,6 +259,30 @@ def test_confidence_head_starts_near_one_half(family):
     assert (c - 0.5).abs().max() < 0.02, c
 
 
+def test_from_backbone_changes_exactly_what_it_documents():
+    """Documented in `conversion.backbone.from_backbone`: the backbone's body and LM head are shared (not copied) and
+    resized in place when a PAD is added; the tokenizer gets its PAD in place; the backbone's config and generation
+    config are left as they were (the PIPO model has copies)."""
+    tokenizer = make_tokenizer()
+    n = len(tokenizer)
+    source = source_backbone("llama", vocab_size=n)
+    source.generation_config.eos_token_id = [EOS_ID]
+    config_before = source.config.to_dict()
+    generation_before = source.generation_config.to_dict()
+    model = PipoForCausalLM.from_backbone(source, tokenizer)
+    assert model.model.backbone is source.model and model.lm_head is source.lm_head  # shared modules
+    assert source.get_input_embeddings().weight.shape[0] == n + 1  # resized in place for the added PAD
+    assert tokenizer.pad_token == "<|pipo_pad|>" and tokenizer.pad_token_id == n  # tokenizer updated in place
+    after = source.config.to_dict()
+    assert {k: v for k, v in after.items() if k != "vocab_size"} == {
+        k: v for k, v in config_before.items() if k != "vocab_size"}  # only the resize touched the config
+    assert source.generation_config.to_dict() == generation_before
+    assert model.config.backbone_config is not source.config
+    assert model.generation_config is not source.generation_config
+    with pytest.raises(TypeError, match="pipo_confidence_threshold"):
+        PipoForCausalLM.from_backbone(source_backbone("llama"), pad_token_id=PAD_ID, confidence_threshold=0.5)
+
+
 @pytest.mark.parametrize(("family", "tied"), [("qwen3", True), ("gpt2", True), ("llama", False)])
 def test_tokenizer_without_pad_gets_dedicated_pad_and_resize(family, tied):
     tokenizer = make_tokenizer()
@@ -322,9 +346,9 @@ def test_native_mtp_weights_load_bit_exactly(family, tmp_path):
     assert model.config.mtp_init == "native"
     state = model.state_dict()
     for key, value in native.items():
-        assert torch.equal(state[key], value), key
+        assert torch.equal(state["model." + key], value), key
     for key, value in source.state_dict().items():  # the backbone is untouched by the extra keys
-        assert torch.equal(state[key], value), key
+        assert torch.equal(state[key.replace("model.", "model.backbone.", 1)], value), key
     with torch.no_grad():
         out = model(random_ids(1, 10))
     assert torch.isfinite(out.mtp_logits).all()
@@ -391,7 +415,7 @@ def test_exact_indexing_matches_oracle_and_hand_losses(family, pick):
         E = model.get_input_embeddings()
         picked = x[:, 0::2] if pick == "first" else x[:, 1::2]
         positions = torch.arange(L).unsqueeze(0).expand(B, -1)
-        h_ref = model.model(inputs_embeds=E(picked), position_ids=positions).last_hidden_state
+        h_ref = model.model.backbone(inputs_embeds=E(picked), position_ids=positions).last_hidden_state
         logits_ref = model.lm_head(h_ref)
         tok1 = x[:, 2::2]
         u = F.linear(
@@ -404,9 +428,9 @@ def test_exact_indexing_matches_oracle_and_hand_losses(family, pick):
 
     assert torch.equal(out.pair_input_ids, x) and torch.equal(out.pair_labels, labels)
     assert out.logits.shape == (B, L, VOCAB) and out.mtp_logits.shape == (B, L - 1, VOCAB)
-    torch.testing.assert_close(out.hidden_states, h_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state, h_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.logits, logits_ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.mtp_hidden_states, m_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.mtp_last_hidden_state, m_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.mtp_logits, mtp_logits_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.confidence_logits, conf_ref, rtol=0, atol=1e-5)
 
@@ -859,7 +883,7 @@ class _Ids:
     ],
 )
 def test_pad_eos_rule_table(config_eos, gen_eos, tok_eos, tok_pad, explicit, pad, add, new_config_eos, new_gen_eos):
-    from transformers_pipo.modeling_pipo import resolve_pad_and_eos
+    from transformers_pipo.conversion.backbone import resolve_pad_and_eos
 
     config = _Ids(eos_token_id=config_eos, pad_token_id=None)
     gen = None if gen_eos is None else _Ids(eos_token_id=gen_eos)
@@ -871,7 +895,140 @@ def test_pad_eos_rule_table(config_eos, gen_eos, tok_eos, tok_pad, explicit, pad
 
 
 def test_pad_eos_rule_refuses_an_explicit_pad_that_is_the_only_eos():
-    from transformers_pipo.modeling_pipo import resolve_pad_and_eos
+    from transformers_pipo.conversion.backbone import resolve_pad_and_eos
 
     with pytest.raises(ValueError, match=r"pad_token_id=2 equals an EOS id and is the backbone's only one \(\[2\]\)"):
         resolve_pad_and_eos(_Ids(eos_token_id=2, pad_token_id=None), _Ids(eos_token_id=[2]), None, pad_token_id=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loss under gradient accumulation (DESIGN §2.3): `num_items_in_batch` as in transformers' causal-LM losses
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _ga_rows(n: int = 8, width: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Rows of different lengths and prompt lengths (odd and even boundaries), right-padded to `width`: the labelled
+    token counts differ between micro-batches, which is what a per-micro-batch mean gets wrong."""
+    g = torch.Generator().manual_seed(11)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(6, width + 1, (1,), generator=g))
+        prompt = 1 + i % 5 if i < n // 2 else length - 2
+        ids = torch.full((width,), PAD_ID)
+        ids[:length] = torch.randint(3, PAD_ID, (length,), generator=g)
+        labels = torch.full((width,), IGNORE)
+        labels[prompt:length] = ids[prompt:length]
+        mask = torch.zeros(width, dtype=torch.long)
+        mask[:length] = 1
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return rows
+
+
+def _one_trainer_step(tmp_path, rows, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_pipo("qwen3", compressor_type="linear").train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=1, learning_rate=0.5, optim="sgd", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+        warmup_steps=0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        dataloader_drop_last=False,
+    )
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_plain_trainer_gradient_accumulation_equals_one_big_batch(tmp_path, accumulation):
+    """`transformers.Trainer` passes `num_items_in_batch`; the PIPO loss normalises by it, so k accumulation steps of
+    batch 8/k give the parameters of one step over the 8 rows (fp32, SGD, no clipping)."""
+    rows = _ga_rows(8)
+    start = {k: v.detach().clone() for k, v in tiny_pipo("qwen3", compressor_type="linear").named_parameters()}
+    big = _one_trainer_step(tmp_path / "big", rows, batch_size=8, accumulation=1)
+    accumulated = _one_trainer_step(tmp_path / "ga", rows, batch_size=8 // accumulation, accumulation=accumulation)
+    moved = 0.0
+    for name, value in big.items():
+        update_big, update_ga = value - start[name], accumulated[name] - start[name]
+        moved = max(moved, float(update_big.abs().max()))
+        torch.testing.assert_close(update_ga, update_big, rtol=1e-4, atol=1e-6, msg=name)
+    assert moved > 1e-3  # the step really changed the parameters
+
+
+def test_num_items_in_batch_makes_the_loss_additive_over_micro_batches():
+    """Summing the losses of micro-batches normalised by the total count equals the loss of the whole batch."""
+    model = tiny_pipo("qwen3")
+    batch = {k: torch.stack([r[k] for r in _ga_rows(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    total = int((batch["labels"][:, 1:] != IGNORE).sum())  # what Trainer counts for a causal LM
+    with torch.no_grad():
+        whole = model(**batch, num_items_in_batch=total)
+        parts = [model(**{k: v[s] for k, v in batch.items()}, num_items_in_batch=total)
+                 for s in (slice(0, 3), slice(3, 8))]
+    for name in ("loss", "backbone_loss", "mtp_loss", "confidence_loss"):
+        torch.testing.assert_close(sum(getattr(p, name) for p in parts), getattr(whole, name), msg=name)
+    # Without num_items_in_batch each term is its own mean (the reference objective): not additive.
+    with torch.no_grad():
+        means = [model(**{k: v[s] for k, v in batch.items()}).backbone_loss for s in (slice(0, 3), slice(3, 8))]
+    assert abs(float(sum(means)) - float(whole.backbone_loss)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PipoModel / PipoForCausalLM split and the checkpoint layout (DESIGN §6.1)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_pipo_model_returns_hidden_states_the_causal_lm_projects():
+    model = tiny_pipo("llama")
+    ids = random_ids(2, 11)
+    with torch.no_grad():
+        body = model.model(ids, output_hidden_states=True)
+        full = model(ids, output_hidden_states=True)
+        last = model(ids, logits_to_keep=1)
+    assert type(model.model).__name__ == "PipoModel" and body.pair_input_ids.shape == (2, 12)
+    torch.testing.assert_close(full.last_hidden_state, body.last_hidden_state)
+    torch.testing.assert_close(full.logits, model.lm_head(body.last_hidden_state))
+    torch.testing.assert_close(full.mtp_logits, model.lm_head(body.mtp_last_hidden_state))
+    layers = model.config.backbone_config.num_hidden_layers
+    assert isinstance(body.hidden_states, tuple) and len(body.hidden_states) == layers + 1
+    assert model(ids).hidden_states is None  # only when asked for
+    torch.testing.assert_close(last.logits, full.logits[:, -1:])
+    torch.testing.assert_close(last.mtp_logits, full.mtp_logits[:, -1:])
+
+
+def _old_layout_key(key: str) -> str:
+    """The key a checkpoint saved before the PipoModel split used for `key`."""
+    if key.startswith("model.backbone."):
+        return "model." + key[len("model.backbone."):]
+    for head in ("compressor", "mtp", "confidence_head"):
+        if key.startswith(f"model.{head}."):
+            return key[len("model."):]
+    return key
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])  # tied and untied LM head
+def test_old_layout_checkpoint_loads_and_resaves_in_the_new_layout(tmp_path, family):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_pipo(family, seed=4)
+    with torch.no_grad():
+        for p in model.confidence_head.parameters():
+            p.add_(0.1)  # away from the init, so a head that failed to load is visible
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    old = {_old_layout_key(k): v for k, v in weights.items()}
+    assert "compressor.mlp.0.weight" in old and "model.embed_tokens.weight" in old
+    save_file(old, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "old", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    reference = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).confidence_logits, model(ids).confidence_logits, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "resaved")
+    with safe_open(tmp_path / "resaved" / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.compressor.mlp.0.weight" in keys and "model.backbone.embed_tokens.weight" in keys
+    assert not any(k.startswith(("compressor.", "mtp.", "confidence_head.", "model.layers.")) for k in keys)

@@ -18,8 +18,8 @@ from transformers.models.qwen3_5 import Qwen3_5TextConfig
 from conftest import BOS_ID, EOS_ID, PAD_ID, tiny_backbone_config
 from transformers_pipo import PipoForCausalLM
 
-HEADS_KEPT = ("compressor", "confidence_head")
-QUANTIZED_PREFIXES = ("model.layers.", "mtp.layers.0.", "mtp.fc")
+HEADS_KEPT = ("model.compressor", "model.confidence_head")
+QUANTIZED_PREFIXES = ("model.backbone.layers.", "model.mtp.layers.0.", "model.mtp.fc")
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77]])
 
 
@@ -108,8 +108,8 @@ def test_bitsandbytes_cpu(saved, mode):
 
     linears = linear_layers(model)
     quantized = [n for n, m in linears.items() if isinstance(m, qclass)]
-    assert any(n.startswith("model.layers.") for n in quantized)  # backbone
-    assert any(n.startswith("mtp.layers.0.") for n in quantized) and "mtp.fc" in quantized  # MTP layer
+    assert any(n.startswith("model.backbone.layers.") for n in quantized)  # backbone
+    assert any(n.startswith("model.mtp.layers.0.") for n in quantized) and "model.mtp.fc" in quantized  # MTP layer
     for name, module in linears.items():
         if name.startswith(QUANTIZED_PREFIXES):
             assert isinstance(module, qclass), f"{name} not quantized"
@@ -185,7 +185,7 @@ def test_bitsandbytes_cuda(saved, mode):
     qconfig, qclass = bnb_config(bnb, mode, compute_dtype=torch.float16)
     min_cos = 0.99 if mode == "int8" else 0.95
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, device_map={"": 0}).eval()
-    assert isinstance(model.get_submodule("mtp.fc"), qclass)
+    assert isinstance(model.get_submodule("model.mtp.fc"), qclass)
     check_heads_kept(model)
     assert model.compressor.mlp[0].weight.device.type == "cuda"
     with torch.no_grad():

@@ -43,7 +43,7 @@ def converted(standins):
     out = {}
     for name, src in standins.items():
         tok = AutoTokenizer.from_pretrained(src)
-        model = PipoForCausalLM.from_backbone(str(src), tokenizer=tok, confidence_threshold=0.5).eval()
+        model = PipoForCausalLM.from_backbone(str(src), tokenizer=tok, pipo_confidence_threshold=0.5).eval()
         out[name] = (model, tok)
     return out
 

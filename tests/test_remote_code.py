@@ -41,7 +41,7 @@ def _build(family: str):
     torch.manual_seed(0)
     source = AutoModelForCausalLM.from_config(tiny_backbone_config(family, vocab_size=len(tokenizer)))
     model, tokenizer = PipoForCausalLM.from_backbone(
-        source, tokenizer, compressor_type="mlp", return_tokenizer=True, confidence_threshold=0.8
+        source, tokenizer, compressor_type="mlp", return_tokenizer=True, pipo_confidence_threshold=0.8
     )
     # Move every PIPO head away from its init, so a reload that re-initialised them would be caught.
     with torch.no_grad():
@@ -154,13 +154,13 @@ def test_checkpoint_key_layout(saved, family):
     folders = saved[0]
     with safe_open(os.path.join(folders[family], "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
-    for key in ("compressor.mlp.0.weight", "compressor.mlp.0.bias", "compressor.mlp.2.weight",
-                "compressor.mlp.2.bias", "mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight",
-                "mtp.pre_fc_norm_hidden.weight", "confidence_head.norm.weight", "confidence_head.fc1.weight",
-                "confidence_head.fc2.weight"):
+    for key in ("model.compressor.mlp.0.weight", "model.compressor.mlp.0.bias", "model.compressor.mlp.2.weight",
+                "model.compressor.mlp.2.bias", "model.mtp.fc.weight", "model.mtp.pre_fc_norm_embedding.weight",
+                "model.mtp.pre_fc_norm_hidden.weight", "model.confidence_head.norm.weight",
+                "model.confidence_head.fc1.weight", "model.confidence_head.fc2.weight"):
         assert key in keys, key
-    assert any(k.startswith(("mtp.layers.0.", "mtp.h.0.")) for k in keys)
-    assert not any(k.startswith("mtp._body") for k in keys)
+    assert any(k.startswith(("model.mtp.layers.0.", "model.mtp.h.0.")) for k in keys)
+    assert not any(k.startswith("model.mtp._body") for k in keys)
     assert ("lm_head.weight" in keys) is (not TIED[family])
 
 

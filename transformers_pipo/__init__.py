@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PipoConfig": "configuration_pipo",
     "PipoForCausalLM": "modeling_pipo",
+    "PipoModel": "modeling_pipo",
+    "PipoModelOutput": "modeling_pipo",
     "PipoPreTrainedModel": "modeling_pipo",
     "PipoCausalLMOutput": "modeling_pipo",
     "PipoGenerateOutput": "generation_pipo",
@@ -29,7 +31,8 @@ _after_transformers: list = []  # callbacks waiting for transformers (see after_
 
 
 def register_auto_classes() -> None:
-    """Register `PipoConfig` / `PipoForCausalLM` with `AutoConfig` / `AutoModelForCausalLM` (idempotent)."""
+    """Register `PipoConfig` / `PipoModel` / `PipoForCausalLM` with `AutoConfig` / `AutoModel` /
+    `AutoModelForCausalLM` (idempotent)."""
     global _registered, _registering
     if _registered or _registering:
         return
@@ -43,12 +46,13 @@ def register_auto_classes() -> None:
 
 
 def _register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .configuration_pipo import PipoConfig
-    from .modeling_pipo import PipoForCausalLM
+    from .modeling_pipo import PipoForCausalLM, PipoModel
 
     AutoConfig.register("pipo", PipoConfig, exist_ok=True)
+    AutoModel.register(PipoConfig, PipoModel, exist_ok=True)
     AutoModelForCausalLM.register(PipoConfig, PipoForCausalLM, exist_ok=True)
     PipoConfig.register_for_auto_class()
     PipoForCausalLM.register_for_auto_class("AutoModelForCausalLM")
@@ -155,6 +159,8 @@ else:
 __all__ = [
     "PipoConfig",
     "PipoForCausalLM",
+    "PipoModel",
+    "PipoModelOutput",
     "PipoPreTrainedModel",
     "PipoCausalLMOutput",
     "PipoGenerateOutput",

@@ -7,8 +7,11 @@ and ship inside the package, so `pipo demo` works offline on a fresh machine:
   validation split);
 - `BASE_MODEL_DIR`: the ordinary causal LM it was converted from, decoded token by token as the baseline.
 
-Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and work with
-`pipeline("text-generation")`.
+They are package data: config, weights, generation config and tokenizer, **no code** (no `.py` files, no
+`auto_map`). The `pipo` model type resolves to this package's classes, which `import transformers_pipo` registers, so
+both load with `AutoModelForCausalLM.from_pretrained(path)` (with or without `trust_remote_code`) and work with
+`pipeline("text-generation")`. [`save_embedded_model`] writes them (the reproduction's export stage calls it); a
+checkpoint meant for sharing is written by `save_pretrained`/`push_to_hub`, which add the remote-code files.
 
 This module also holds the task definition, once: prompts `Q: <expression>\\nA:` where the expression has 2 or 3
 integers in [0, 999] joined by `+` or `-` (no spaces, evaluated left to right); a response is correct when the integer
@@ -116,6 +119,41 @@ def fresh_problems(n: int, seed: int | None = None) -> list[str]:
     return out
 
 
+def save_embedded_model(model, folder, tokenizer=None) -> None:
+    """Save `model` (and `tokenizer`) as package data: weights, config, generation config, no remote code.
+
+    `save_pretrained` of a PIPO model copies its `.py` files and writes `auto_map`, which a shared checkpoint needs;
+    the embedded models are loaded by the installed package instead, so both are left out here (the code exists
+    once, in the package). No model card either: the assets' README describes them.
+    """
+    config = model.config
+    # `save_pretrained` ships code when the class is registered for an auto class (`is_remote_code()` reads the
+    # class attribute): lift the registration for this one save, and drop an `auto_map` read from a saved folder.
+    classes = [(cls, cls.__dict__.get("_auto_class", _UNSET)) for cls in (type(model), type(config))]
+    auto_map = config.__dict__.pop("auto_map", _UNSET)
+    try:
+        for cls, _ in classes:
+            cls._auto_class = None
+        card = {"model_card": False} if getattr(config, "model_type", None) == "pipo" else {}
+        model.save_pretrained(folder, **card)
+    finally:
+        for cls, value in classes:
+            if value is _UNSET:
+                del cls._auto_class
+            else:
+                cls._auto_class = value
+        if auto_map is not _UNSET:
+            config.auto_map = auto_map
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    leftovers = sorted(p.name for p in Path(folder).glob("*.py"))
+    if leftovers:
+        raise RuntimeError(f"{folder}: remote-code files written for an embedded model: {leftovers}")
+
+
+_UNSET = object()
+
+
 def load_models(pipo_dir=None, base_dir=None):
     """`(pipo_model, base_model, tokenizer)` in eval mode, on CPU, from the embedded folders by default."""
     import transformers_pipo  # noqa: F401  (registers the PIPO classes with the Auto factories)
@@ -152,10 +190,10 @@ class Solution:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def solve(model, tokenizer, expression: str, *, threshold: float | None = None, max_new_tokens: int = 128,
-          do_sample: bool = False, streamer=None) -> Solution:
-    """Answer one problem (batch 1) with `model`: PIPO decoding for a PIPO model (τ = `threshold`, else the
-    model's generation_config), ordinary decoding otherwise. Timing covers the whole `generate` call."""
+def solve(model, tokenizer, expression: str, *, pipo_confidence_threshold: float | None = None,
+          max_new_tokens: int = 128, do_sample: bool = False, streamer=None) -> Solution:
+    """Answer one problem (batch 1) with `model`: PIPO decoding for a PIPO model (τ = `pipo_confidence_threshold`,
+    else the model's generation_config), ordinary decoding otherwise. Timing covers the whole `generate` call."""
     import torch
 
     enc = tokenizer(format_prompt(expression), return_tensors="pt", add_special_tokens=False)
@@ -164,8 +202,8 @@ def solve(model, tokenizer, expression: str, *, threshold: float | None = None, 
     if do_sample:
         kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
     pipo = getattr(model.config, "model_type", None) == "pipo"
-    if pipo and threshold is not None:
-        kwargs["pipo_confidence_threshold"] = threshold
+    if pipo and pipo_confidence_threshold is not None:
+        kwargs["pipo_confidence_threshold"] = pipo_confidence_threshold
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, **kwargs)
@@ -181,21 +219,24 @@ def solve(model, tokenizer, expression: str, *, threshold: float | None = None, 
                     len(real), steps, committed, seconds)
 
 
-def compare(n: int = 8, *, threshold: float | None = None, seed: int | None = None, models=None, progress=None):
+def compare(n: int = 8, *, pipo_confidence_threshold: float | None = None, seed: int | None = None, models=None,
+            progress=None):
     """Solve `n` fresh problems with PIPO and with regular decoding of the base model, side by side (greedy).
 
     Returns `{"threshold", "problems": [{"pipo": Solution, "regular": Solution}], "summary": {...}}`. The first
     problem is solved once by both models before timing starts (warm-up).
     """
+    from .generation_pipo import commit_rate
+
     pipo, base, tok = models or load_models()
-    tau = threshold if threshold is not None else getattr(pipo.generation_config, "pipo_confidence_threshold", None)
+    tau = pipo_confidence_threshold if pipo_confidence_threshold is not None else getattr(pipo.generation_config, "pipo_confidence_threshold", None)
     expressions = fresh_problems(n, seed)
-    solve(pipo, tok, expressions[0], threshold=tau, max_new_tokens=8)  # warm-up
+    solve(pipo, tok, expressions[0], pipo_confidence_threshold=tau, max_new_tokens=8)  # warm-up
     solve(base, tok, expressions[0], max_new_tokens=8)
     results = []
     iterator = progress(expressions) if progress is not None else expressions
     for expression in iterator:
-        results.append({"pipo": solve(pipo, tok, expression, threshold=tau),
+        results.append({"pipo": solve(pipo, tok, expression, pipo_confidence_threshold=tau),
                         "regular": solve(base, tok, expression)})
 
     def total(key, attr):
@@ -207,7 +248,7 @@ def compare(n: int = 8, *, threshold: float | None = None, seed: int | None = No
         "n": len(results),
         "pipo_accuracy": sum(r["pipo"].correct for r in results) / max(1, len(results)),
         "regular_accuracy": sum(r["regular"].correct for r in results) / max(1, len(results)),
-        "commit_rate": total("pipo", "committed_drafts") / max(1, total("pipo", "backbone_steps")),
+        "commit_rate": commit_rate(total("pipo", "committed_drafts"), total("pipo", "backbone_steps")),
         "tokens_per_backbone_step": total("pipo", "tokens") / max(1, total("pipo", "backbone_steps")),
         "pipo_tokens_per_s": pipo_tps,
         "regular_tokens_per_s": base_tps,
@@ -225,5 +266,5 @@ def as_json(report: dict) -> dict:
     }
 
 
-__all__ = ["PIPO_MODEL_DIR", "BASE_MODEL_DIR", "load_models", "solve", "compare", "fresh_problems", "evaluate",
+__all__ = ["PIPO_MODEL_DIR", "BASE_MODEL_DIR", "save_embedded_model", "load_models", "solve", "compare", "fresh_problems", "evaluate",
            "parse_answer", "is_correct", "parse_expression", "random_expression", "format_prompt"]

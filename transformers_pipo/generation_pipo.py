@@ -69,8 +69,19 @@ class PipoGenerateOutput(GenerateDecoderOnlyOutput):
 
     @property
     def commit_rate(self) -> torch.FloatTensor:
-        """Committed drafts per decode step, per row."""
-        return self.committed_drafts.float() / self.decode_steps.clamp(min=1).float()
+        """Committed drafts per decode step, per row (see [`commit_rate`])."""
+        return commit_rate(self.committed_drafts, self.decode_steps)
+
+
+def commit_rate(committed_drafts, decode_steps):
+    """The commit rate, defined once: committed drafts / decode steps (0 without a step).
+
+    A decode step is one backbone step of PIPO decoding (`PipoGenerateOutput.decode_steps`), each offering at most
+    one draft. Works on per-row tensors (elementwise) and on totals (ints) summed over rows or prompts.
+    """
+    if torch.is_tensor(committed_drafts) or torch.is_tensor(decode_steps):
+        return torch.as_tensor(committed_drafts).float() / torch.as_tensor(decode_steps).clamp(min=1).float()
+    return committed_drafts / decode_steps if decode_steps else 0.0
 
 
 def pipo_generate_entry(model, stock_generate, inputs=None, generation_config=None, **kwargs):
@@ -452,16 +463,16 @@ def _static_cache_blocker(model) -> str | None:
     try:
         probe = StaticCache(config=model.config.get_text_config(), max_cache_len=1)
     except (ValueError, TypeError, KeyError) as err:
-        return f"{type(model.model).__name__} has no static cache layout ({err})"
+        return f"{type(model.backbone).__name__} has no static cache layout ({err})"
     recurrent = sorted({type(layer).__name__ for layer in probe.layers if not hasattr(layer, "max_cache_len")})
     if recurrent:
         # Linear-attention layers (Qwen3.5) carry a recurrent state instead of per-position keys and read the 2D
         # padding mask by its last columns, so a fixed-width mask over static slots would mask the new position.
-        return (f"{type(model.model).__name__} has recurrent cache layers ({', '.join(recurrent)}) that hold no "
+        return (f"{type(model.backbone).__name__} has recurrent cache layers ({', '.join(recurrent)}) that hold no "
                 "per-position KV slots")
     if not probe.is_compileable:
         kinds = sorted({type(layer).__name__ for layer in probe.layers if not layer.is_compileable})
-        return f"{type(model.model).__name__} cache layers {kinds} cannot be static"
+        return f"{type(model.backbone).__name__} cache layers {kinds} cannot be static"
     return None
 
 
@@ -689,4 +700,4 @@ def _left_pad(rows: list[torch.Tensor], pad: int) -> torch.LongTensor:
     return out
 
 
-__all__ = ["PipoGenerateOutput", "pipo_generate", "pipo_generate_entry", "DEFAULT_CONFIDENCE_THRESHOLD"]
+__all__ = ["PipoGenerateOutput", "pipo_generate", "pipo_generate_entry", "commit_rate", "DEFAULT_CONFIDENCE_THRESHOLD"]

@@ -197,4 +197,34 @@ def write_model_card(model, save_directory, info: dict | None = None, repo_id: s
     return path
 
 
-__all__ = ["build_model_card", "write_model_card", "is_replaceable_card", "CARD_INFO_KEYS", "CARD_MARKER"]
+class PipoModelCardMixin:
+    """Makes `save_pretrained` and `push_to_hub` of a PIPO model write the PIPO card (put before `PreTrainedModel`
+    in the bases)."""
+
+    def save_pretrained(self, save_directory, *args, model_card: dict | bool | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then a PIPO README.md model card.
+
+        `model_card`: extra card fields (training stages, commit rate, ...) merged over `self.pipo_model_card_info`
+        (see [`CARD_INFO_KEYS`]); `False` writes no card. A README.md not written by PIPO is never overwritten.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main and model_card is not False and os.path.isdir(save_directory):
+            write_model_card(self, save_directory, model_card if isinstance(model_card, dict) else None)
+        return result
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # Both upload paths (push_to_hub, save_pretrained(push_to_hub=True)) write transformers' generic card just
+        # before this call; replace it by the PIPO card, then upload through huggingface_hub unchanged.
+        write_model_card(self, working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+
+__all__ = [
+    "build_model_card",
+    "write_model_card",
+    "is_replaceable_card",
+    "PipoModelCardMixin",
+    "CARD_INFO_KEYS",
+    "CARD_MARKER",
+]

@@ -11,67 +11,23 @@ Shipped as remote code by ``save_pretrained``; only ``from .x import y`` links i
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput, logging
 
-from .configuration_pipo import PipoConfig, _as_id_list, _backbone_hidden_size
+from .configuration_pipo import PipoConfig, _backbone_hidden_size
 from .generation_pipo import DEFAULT_CONFIDENCE_THRESHOLD, pipo_generate_entry
-from .modelcard_pipo import write_model_card
+from .modelcard_pipo import PipoModelCardMixin
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of a position that is not trained (transformers' convention)
 logger = logging.get_logger(__name__)
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PipoCausalLMOutput(ModelOutput):
-    """Output of [`PipoForCausalLM.forward`].
-
-    Latent `j` holds tokens `(x[2j], x[2j+1])` of `pair_input_ids`. `logits[:, j]` predicts `x[2j+2]` (token1) and
-    `mtp_logits[:, j]` predicts `x[2j+3]` (token2), for `j < L-1`.
-
-    Args:
-        loss: `backbone_loss + mtp_loss_weight * mtp_loss + confidence_loss_weight * confidence_loss`.
-        backbone_loss: mean cross-entropy of token1 predictions over labelled positions.
-        mtp_loss: mean cross-entropy of token2 predictions over labelled positions.
-        confidence_loss: mean BCE of the confidence head against `p_MTP(gold token2)`.
-        logits: `[B, L, V]` token1 logits for every latent (None with `return_logits=False`).
-        mtp_logits: `[B, L-1, V]` token2 logits (None with `return_logits=False`).
-        confidence_logits: `[B, L-1]` draft-confidence logits (sigmoid gives `c`).
-        cache: the backbone cache (one entry per latent).
-        mtp_cache: the MTP layer's own cache.
-        hidden_states: `[B, L, H]` backbone outputs after the final norm.
-        mtp_hidden_states: `[B, L-1, H]` MTP outputs after the MTP norm.
-        pair_input_ids / pair_labels / pair_attention_mask: the inputs after the parity rules (PAD inserted after an
-            odd prompt and at the end of odd rows); identical to the inputs when they were already aligned.
-    """
-
-    loss: torch.FloatTensor | None = None
-    backbone_loss: torch.FloatTensor | None = None
-    mtp_loss: torch.FloatTensor | None = None
-    confidence_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    mtp_logits: torch.FloatTensor | None = None
-    confidence_logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    mtp_cache: Cache | None = None
-    hidden_states: torch.FloatTensor | None = None
-    mtp_hidden_states: torch.FloatTensor | None = None
-    pair_input_ids: torch.LongTensor | None = None
-    pair_labels: torch.LongTensor | None = None
-    pair_attention_mask: torch.LongTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -458,6 +414,104 @@ def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Losses (DESIGN §2.3)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipoLossOutput(ModelOutput):
+    """Result of [`pipo_sft_loss`].
+
+    Args:
+        loss: `backbone_loss + mtp_loss_weight * mtp_loss + confidence_loss_weight * confidence_loss`.
+        backbone_loss / mtp_loss / confidence_loss: the three terms, each normalised as described in
+            [`pipo_sft_loss`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    backbone_loss: torch.FloatTensor | None = None
+    mtp_loss: torch.FloatTensor | None = None
+    confidence_loss: torch.FloatTensor | None = None
+
+
+def _normalise(total: torch.Tensor, count: torch.Tensor | int, num_items_in_batch) -> torch.Tensor:
+    """A per-head sum divided by its own count, or by half of `num_items_in_batch` (see [`pipo_sft_loss`])."""
+    if num_items_in_batch is None:
+        return total / count
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / (num_items_in_batch / 2)
+
+
+def pipo_sft_loss(
+    hidden: torch.Tensor,
+    mtp_hidden: torch.Tensor | None,
+    confidence_logits: torch.Tensor | None,
+    labels: torch.LongTensor,
+    lm_head: nn.Module,
+    config: PipoConfig,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> PipoLossOutput:
+    """The PIPO SFT objective (DESIGN §2.3): backbone CE (target `labels[2j+2]`), MTP CE (target `labels[2j+3]`) and
+    the confidence BCE against the detached `p_MTP(gold token2)`, weighted by `config.mtp_loss_weight` and
+    `config.confidence_loss_weight` (the only place the weights are read).
+
+    Normalisation:
+        - without `num_items_in_batch`, each term is a mean over its own labelled positions (the reference
+          objective);
+        - with `num_items_in_batch` (what `transformers.Trainer` passes: the labelled tokens of the whole
+          gradient-accumulation step, over every micro-batch), each term's per-token **sum** is divided by
+          `num_items_in_batch / 2`. Every labelled token is the target of exactly one head, so `N/2` is each head's
+          share of an evenly split batch; the loss is then additive over micro-batches, and `k` accumulation steps
+          give exactly the update of one step over the `k`-times batch (DESIGN §2.3).
+
+    PAD is never a target (labels equal to the PAD id are ignored). With no labelled position, a term is a zero that
+    stays attached to the graph (a ghost term: DDP/ZeRO need a gradient for every head on every rank).
+    """
+    labels = labels.masked_fill(labels == config.pad_token_id, IGNORE_INDEX)
+    chunk = config.loss_chunk_size
+    tok1_labels = labels[:, 2::2]
+    valid = tok1_labels != IGNORE_INDEX
+    if bool(valid.any()):
+        hb = hidden[:, : tok1_labels.shape[1]]
+        nll = chunked_nll(hb[valid], tok1_labels[valid], lm_head, chunk)
+        backbone_loss = _normalise(nll.sum(), nll.numel(), num_items_in_batch)
+    else:
+        backbone_loss = hidden.sum() * 0.0
+    if mtp_hidden is None:
+        mtp_loss = confidence_loss = hidden.sum() * 0.0
+    else:
+        tok2_labels = labels[:, 3::2]
+        valid2 = tok2_labels != IGNORE_INDEX
+        if bool(valid2.any()):
+            nll = chunked_nll(mtp_hidden[valid2], tok2_labels[valid2], lm_head, chunk)
+            target = torch.exp(-nll.detach()).clamp(0.0, 1.0)
+            bce = F.binary_cross_entropy_with_logits(confidence_logits[valid2].float(), target, reduction="sum")
+            mtp_loss = _normalise(nll.sum(), nll.numel(), num_items_in_batch)
+            confidence_loss = _normalise(bce, nll.numel(), num_items_in_batch)
+        else:
+            mtp_loss = mtp_hidden.sum() * 0.0
+            confidence_loss = confidence_logits.sum() * 0.0
+    loss = backbone_loss + config.mtp_loss_weight * mtp_loss + config.confidence_loss_weight * confidence_loss
+    return PipoLossOutput(
+        loss=loss, backbone_loss=backbone_loss, mtp_loss=mtp_loss, confidence_loss=confidence_loss
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint layout (DESIGN §6)
+# ----------------------------------------------------------------------------------------------------------------------
+
+PIPO_HEADS = ("compressor", "mtp", "confidence_head")
+# Checkpoints written before the PipoModel / PipoForCausalLM split kept the backbone under `model.*` and the heads at
+# the top level (the reference layout). `from_pretrained` renames them with transformers' `key_mapping`.
+LEGACY_KEY_MAPPING = {
+    r"^model\.(?!backbone\.|compressor\.|mtp\.|confidence_head\.)": "model.backbone.",
+    **{rf"^{head}\.": f"model.{head}." for head in PIPO_HEADS},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -471,13 +525,15 @@ class PipoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Heads kept in fp32 and never quantized (quantizers match these names from the start of a module path, so the
+    # causal LM names them under its `model.`). The non-strict list only upcasts under fp16; the strict one also keeps
+    # them fp32 when loading in bf16, matching from_backbone (which builds them in fp32), so a bf16 save -> load round
+    # trip is lossless.
     _keep_in_fp32_modules = ["compressor", "confidence_head"]
-    # The non-strict list only upcasts under fp16; the strict one also keeps these heads fp32 when loading in bf16,
-    # matching from_backbone (which builds them in fp32), so a bf16 save -> load round trip is lossless.
     _keep_in_fp32_modules_strict = ["compressor", "confidence_head"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        backbone = getattr(self, "model", None)
+        backbone = getattr(getattr(self, "model", self), "backbone", None)
         if isinstance(module, tuple(COMPRESSOR_CLASSES.values())):
             module.init_identity_like()
         elif isinstance(module, PipoMTPHead):
@@ -488,63 +544,145 @@ class PipoPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, also reading checkpoints in the layout written before the
+        `PipoModel` split (DESIGN §6) through transformers' `key_mapping`.
 
-class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
-    """A decoder backbone wrapped with PIPO's compressor, MTP head and confidence head.
+        A re-save writes the current layout: the legacy renaming is used for loading only.
+        """
+        if issubclass(cls, PipoForCausalLM):
+            kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        model = super().from_pretrained(*args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        conversions = getattr(loaded, "_weight_conversions", None)
+        if conversions:
+            legacy = set(LEGACY_KEY_MAPPING)
+            loaded._weight_conversions = [
+                c for c in conversions if not set(getattr(c, "_original_source_patterns", None) or []) <= legacy
+            ]
+        return model
 
-    `forward` is the training computation (DESIGN §2.3); `generate` decodes two tokens per backbone step.
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, also from a model sharded with FSDP2.
+
+        FSDP2 (`fully_shard`) swaps the instance's class for a generated `FSDP<Name>(FSDPModule, <Name>)` defined in
+        torch; remote-code saving copies the file of `type(self)`, so this saves as the wrapped class itself (the
+        state dict the caller passes is already gathered) and the folder ships modeling_pipo.py with a PIPO
+        `auto_map`.
+        """
+        sharded_class = type(self)
+        bases = sharded_class.__bases__
+        if len(bases) == 2 and bases[0].__name__ in ("FSDPModule", "ReplicateModule"):
+            self.__class__ = bases[1]
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
+
+
+@dataclass
+class PipoModelOutput(ModelOutput):
+    """Output of [`PipoModel.forward`]. Latent `j` holds tokens `(x[2j], x[2j+1])` of `pair_input_ids`.
+
+    Args:
+        last_hidden_state: `[B, L, H]` backbone outputs after the final norm (`h`).
+        cache: the backbone cache (one entry per latent), when `use_cache`.
+        hidden_states: the backbone's per-layer hidden states, when `output_hidden_states`.
+        attentions: the backbone's per-layer attention weights, when `output_attentions`.
+        mtp_last_hidden_state: `[B, L-1, H]` MTP outputs after the MTP norm (`m`; None for a single latent).
+        mtp_cache: the MTP layer's own cache, when `use_cache`.
+        confidence_logits: `[B, L-1]` draft-confidence logits (sigmoid gives `c`).
+        pair_input_ids / pair_attention_mask: the inputs after [`pair_layout`] (identical to the inputs when
+            they were already laid out in pairs); every position index above refers to them.
     """
 
-    # Tensor parallelism: the LM head is sharded over the vocabulary and gathers its output (as in the backbones'
-    # own *ForCausalLM); the backbone's plan comes from its config, the MTP layer's from `PipoMTPHead`.
-    _tp_plan = {"lm_head": "colwise_gather_output"}
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    mtp_last_hidden_state: torch.FloatTensor | None = None
+    mtp_cache: Cache | None = None
+    confidence_logits: torch.FloatTensor | None = None
+    pair_input_ids: torch.LongTensor | None = None
+    pair_attention_mask: torch.LongTensor | None = None
+
+
+@dataclass
+class PipoCausalLMOutput(ModelOutput):
+    """Output of [`PipoForCausalLM.forward`].
+
+    Latent `j` holds tokens `(x[2j], x[2j+1])` of `pair_input_ids`. `logits[:, j]` predicts `x[2j+2]` (token1) and
+    `mtp_logits[:, j]` predicts `x[2j+3]` (token2), for `j < L-1`.
+
+    Args:
+        loss / backbone_loss / mtp_loss / confidence_loss: see [`pipo_sft_loss`].
+        logits: `[B, L, V]` token1 logits (the last `logits_to_keep` latents; None with `return_logits=False`).
+        mtp_logits: `[B, L-1, V]` token2 logits (the last `logits_to_keep` positions; None with
+            `return_logits=False`).
+        confidence_logits: `[B, L-1]` draft-confidence logits (sigmoid gives `c`).
+        cache / mtp_cache: the backbone cache and the MTP layer's own cache, when `use_cache`.
+        last_hidden_state: `[B, L, H]` backbone outputs after the final norm.
+        hidden_states / attentions: the backbone's per-layer tuples, when asked for.
+        mtp_last_hidden_state: `[B, L-1, H]` MTP outputs after the MTP norm.
+        pair_input_ids / pair_labels / pair_attention_mask: the inputs after [`pair_layout`] (PAD inserted after an
+            odd prompt and at the end of odd rows); identical to the inputs when they were already laid out.
+    """
+
+    loss: torch.FloatTensor | None = None
+    backbone_loss: torch.FloatTensor | None = None
+    mtp_loss: torch.FloatTensor | None = None
+    confidence_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mtp_logits: torch.FloatTensor | None = None
+    confidence_logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    mtp_cache: Cache | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    mtp_last_hidden_state: torch.FloatTensor | None = None
+    pair_input_ids: torch.LongTensor | None = None
+    pair_labels: torch.LongTensor | None = None
+    pair_attention_mask: torch.LongTensor | None = None
+
+
+class PipoModel(PipoPreTrainedModel):
+    """The PIPO body: compressor → backbone → MTP head and confidence head; returns hidden states (no LM head).
+
+    Submodules: `backbone` (the `AutoModel` of `config.backbone_config`), `compressor`, `mtp`, `confidence_head`.
+    """
 
     def __init__(self, config: PipoConfig):
         super().__init__(config)
         config.require_pad_token()
         bb = config.get_text_config()
         hidden = _backbone_hidden_size(bb)
-        self.model = AutoModel.from_config(bb)
-        template = _norm_template(self.model)
+        self.backbone = AutoModel.from_config(bb)
+        template = _norm_template(self.backbone)
         if config.norm_style is None:
             config.norm_style = norm_style_of(template)
-        self.lm_head = nn.Linear(hidden, bb.vocab_size, bias=False)
         self.compressor = COMPRESSOR_CLASSES[config.compressor_type](hidden)
         self.mtp = PipoMTPHead(bb, template)
         self.confidence_head = PipoConfidenceHead(hidden, config.confidence_hidden_size or hidden, template)
-        embedding_name = next(n for n, m in self.model.named_children() if m is self.model.get_input_embeddings())
-        self._tied_weights_keys = {"lm_head.weight": f"model.{embedding_name}.weight"}
         # Units `device_map="auto"` never splits (and FSDP's transformer auto-wrap shards as one): each PIPO head runs
         # on one device, since its forward concatenates / normalises tensors that must share one. Only classes present
         # in this model (FSDP's auto-wrap rejects absent ones); `post_init` adds the backbone's decoder layer class.
         self._no_split_modules = [type(self.compressor).__name__, type(self.mtp).__name__,
                                   type(self.confidence_head).__name__]
         self.post_init()
-        if self.generation_config is not None:
-            # A PIPO generation config of its own: `_from_model_config` would make loading drop the PIPO fields.
-            self.generation_config._from_model_config = False
-            self.generation_config.pad_token_id = config.pad_token_id
-            self.generation_config.pipo_confidence_threshold = DEFAULT_CONFIDENCE_THRESHOLD
-
-    # -- transformers plumbing -----------------------------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+        return self.backbone.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
-        self.lm_head = new_embeddings
+        self.backbone.set_input_embeddings(value)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
         # The MTP layer runs in a one-layer body that is not a registered sub-model, so transformers does not reach
         # its config: mirror the backbone's implementation onto it.
-        self.mtp.body_config._attn_implementation_internal = self.model.config._attn_implementation
+        self.mtp.body_config._attn_implementation_internal = self.backbone.config._attn_implementation
 
     @property
     def pad_token_id(self) -> int:
@@ -569,16 +707,21 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor,
         cache: Cache | None = None,
         use_cache: bool = False,
-    ) -> torch.Tensor:
-        """Backbone body over latents; returns the post-norm hidden states `h`."""
-        out = self.model(
+        *,
+        return_output: bool = False,
+        **kwargs,
+    ):
+        """Backbone body over latents; returns the post-norm hidden states `h`, or the backbone's whole output
+        (per-layer states, attentions) with `return_output=True`. `kwargs` go to the backbone."""
+        out = self.backbone(
             inputs_embeds=latents,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            **kwargs,
         )
-        return out.last_hidden_state
+        return out if return_output else out.last_hidden_state
 
     def run_mtp(
         self,
@@ -625,7 +768,7 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
 
         return StaticCache(config=self.mtp.body_config, max_cache_len=max_cache_len)
 
-    # -- training forward -----------------------------------------------------------------------------------------------
+    # -- forward ------------------------------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -633,33 +776,64 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        return_logits: bool = True,
         mtp_cache: Cache | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
-    ) -> PipoCausalLMOutput:
-        r"""Training computation of DESIGN §2.3 over token ids.
+    ) -> PipoModelOutput:
+        r"""Compressor, backbone, MTP head and confidence head over token ids (DESIGN §2.3).
+
+        The rows go through [`pair_layout`] first (the documented parity step, DESIGN §1.2; a no-op on rows already
+        laid out, e.g. by `PipoDataCollator`); `pair_input_ids` / `pair_attention_mask` of the output are the rows
+        actually used, and every position index of the output refers to them.
 
         Args:
-            input_ids: `[B, T]` token ids. Odd rows and odd prompt/response boundaries are fixed with PAD.
+            input_ids: `[B, T]` token ids.
             attention_mask: `[B, T]` batch-padding mask (left or right padding).
             position_ids: optional latent positions `[B, L]`; token-level positions are rejected.
-            cache / mtp_cache: optional caches for the backbone and MTP layer (filled when `use_cache`).
-            labels: `[B, T]` **unshifted** labels (`labels[t] = x[t]` on trained tokens, -100 elsewhere).
-            return_logits: set False to skip materialising `[B, L, V]` logits when only the losses are needed.
+            cache / mtp_cache: optional caches for the backbone and the MTP layer (filled when `use_cache`).
+            inputs_embeds: not supported (pairs are built from token ids).
         """
+        input_ids, _, attention_mask = self.check_and_layout(input_ids, None, attention_mask, inputs_embeds)
+        return self._forward_laid_out(
+            input_ids, attention_mask, position_ids, cache, use_cache, mtp_cache, output_hidden_states,
+            output_attentions, **kwargs,
+        )
+
+    def check_and_layout(
+        self,
+        input_ids: torch.LongTensor | None,
+        labels: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.LongTensor | None, torch.Tensor | None]:
+        """Validate token ids and apply [`pair_layout`] (shared by `PipoModel` and `PipoForCausalLM`)."""
         if input_ids is None:
-            raise ValueError("PipoForCausalLM.forward needs input_ids (pairs are built from token ids).")
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("PipoForCausalLM.forward does not take inputs_embeds; pass input_ids.")
-        pad = self.pad_token_id
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError("PIPO forward needs input_ids (pairs are built from token ids).")
+        if inputs_embeds is not None:
+            raise ValueError("PIPO forward does not take inputs_embeds; pass input_ids.")
+        vocab = self.config.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ValueError(
-                f"input_ids contain ids outside the vocabulary [0, {self.config.vocab_size}): "
+                f"input_ids contain ids outside the vocabulary [0, {vocab}): "
                 f"min {int(input_ids.min())}, max {int(input_ids.max())}."
             )
-        input_ids, labels, attention_mask = pair_layout(input_ids, labels, attention_mask, pad)
+        return pair_layout(input_ids, labels, attention_mask, self.pad_token_id)
+
+    def _forward_laid_out(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+        mtp_cache: Cache | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        **kwargs,
+    ) -> PipoModelOutput:
         batch, length = input_ids.shape
         n_lat = length // 2
         pair_mask = None if attention_mask is None else attention_mask[:, 0::2].long()
@@ -674,9 +848,11 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         else:
             position_ids = latent_positions(pair_mask, batch, n_lat, input_ids.device, cache)
         use_cache = bool(use_cache)
-
-        latents = self.embed_pairs(input_ids)
-        hidden = self.run_backbone(latents, pair_mask, position_ids, cache=cache, use_cache=use_cache)
+        extra = {k: v for k, v in (("output_hidden_states", output_hidden_states),
+                                   ("output_attentions", output_attentions)) if v}
+        backbone_out = self.run_backbone(self.embed_pairs(input_ids), pair_mask, position_ids, cache=cache,
+                                         use_cache=use_cache, return_output=True, **extra)
+        hidden = backbone_out.last_hidden_state
 
         mtp_hidden = conf_logits = None
         if n_lat > 1:
@@ -688,76 +864,177 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
                 use_cache=use_cache,
             )
             conf_logits = self.confidence_logits(hidden[:, :-1], mtp_hidden)
+        return PipoModelOutput(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=getattr(backbone_out, "hidden_states", None) if output_hidden_states else None,
+            attentions=getattr(backbone_out, "attentions", None) if output_attentions else None,
+            mtp_last_hidden_state=mtp_hidden,
+            mtp_cache=mtp_cache if use_cache else None,
+            confidence_logits=conf_logits,
+            pair_input_ids=input_ids,
+            pair_attention_mask=attention_mask,
+        )
 
+
+class PipoForCausalLM(PipoModelCardMixin, PipoPreTrainedModel, GenerationMixin):
+    """A [`PipoModel`] with the backbone's LM head and the PIPO training losses.
+
+    `forward` is the training computation (DESIGN §2.3); `generate` decodes two tokens per backbone step. The PIPO
+    building blocks used by generation (`embed_pairs`, `run_backbone`, `run_mtp`, `mtp_step`, `confidence_logits`,
+    `new_mtp_cache`) and the heads (`compressor`, `mtp`, `confidence_head`, `backbone`) are reachable here as well
+    as on `model`.
+    """
+
+    # Tensor parallelism: the LM head is sharded over the vocabulary and gathers its output (as in the backbones'
+    # own *ForCausalLM); the backbone's plan comes from its config, the MTP layer's from `PipoMTPHead`.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _keep_in_fp32_modules = ["model.compressor", "model.confidence_head"]
+    _keep_in_fp32_modules_strict = ["model.compressor", "model.confidence_head"]
+
+    def __init__(self, config: PipoConfig):
+        super().__init__(config)
+        self.model = PipoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        embedding_name = next(
+            n for n, m in self.model.backbone.named_children() if m is self.model.backbone.get_input_embeddings()
+        )
+        self._tied_weights_keys = {"lm_head.weight": f"model.backbone.{embedding_name}.weight"}
+        self.post_init()
+        if self.generation_config is not None:
+            # A PIPO generation config of its own: `_from_model_config` would make loading drop the PIPO fields.
+            self.generation_config._from_model_config = False
+            self.generation_config.pad_token_id = config.pad_token_id
+            self.generation_config.pipo_confidence_threshold = DEFAULT_CONFIDENCE_THRESHOLD
+
+    # -- transformers plumbing -----------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_decoder(self) -> PipoModel:
+        return self.model
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self.model.mtp.body_config._attn_implementation_internal = self.model.backbone.config._attn_implementation
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.config.require_pad_token()
+
+    # Read-only shortcuts to the body's parts (generation and the training code address them on the causal LM).
+    backbone = property(lambda self: self.model.backbone, doc="The backbone body (`model.backbone`).")
+    compressor = property(lambda self: self.model.compressor, doc="The pair compressor (`model.compressor`).")
+    mtp = property(lambda self: self.model.mtp, doc="The MTP head (`model.mtp`).")
+    confidence_head = property(lambda self: self.model.confidence_head, doc="`model.confidence_head`.")
+
+    def embed_pairs(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """[`PipoModel.embed_pairs`]."""
+        return self.model.embed_pairs(input_ids)
+
+    def run_backbone(self, *args, **kwargs):
+        """[`PipoModel.run_backbone`]."""
+        return self.model.run_backbone(*args, **kwargs)
+
+    def run_mtp(self, *args, **kwargs) -> torch.Tensor:
+        """[`PipoModel.run_mtp`]."""
+        return self.model.run_mtp(*args, **kwargs)
+
+    def mtp_step(self, *args, **kwargs) -> torch.Tensor:
+        """[`PipoModel.mtp_step`]."""
+        return self.model.mtp_step(*args, **kwargs)
+
+    def confidence_logits(self, hidden: torch.Tensor, mtp_hidden: torch.Tensor) -> torch.Tensor:
+        """[`PipoModel.confidence_logits`]."""
+        return self.model.confidence_logits(hidden, mtp_hidden)
+
+    def new_mtp_cache(self, max_cache_len: int | None = None) -> Cache:
+        """[`PipoModel.new_mtp_cache`]."""
+        return self.model.new_mtp_cache(max_cache_len)
+
+    # -- training forward -----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = True,
+        mtp_cache: Cache | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> PipoCausalLMOutput:
+        r"""Training computation of DESIGN §2.3 over token ids.
+
+        `input_ids`, `labels` and `attention_mask` go through [`pair_layout`] first, the same documented step
+        `PipoDataCollator` applies (a no-op on its batches): a PAD is inserted after an odd prompt and at the end of
+        an odd row. The output's `pair_input_ids` / `pair_labels` / `pair_attention_mask` are the rows actually
+        used; logits and losses index them.
+
+        Args:
+            input_ids: `[B, T]` token ids.
+            attention_mask: `[B, T]` batch-padding mask (left or right padding).
+            position_ids: optional latent positions `[B, L]`; token-level positions are rejected.
+            cache / mtp_cache: optional caches for the backbone and the MTP layer (filled when `use_cache`).
+            labels: `[B, T]` **unshifted** labels (`labels[t] = x[t]` on trained tokens, -100 elsewhere).
+            logits_to_keep: keep only the last `n` positions of `logits` and `mtp_logits` (0: all), or the
+                positions of a 1-D index tensor, as in transformers' causal LMs.
+            return_logits: set False to skip materialising `[B, L, V]` logits when only the losses are needed.
+            num_items_in_batch: labelled tokens of the whole gradient-accumulation step (passed by
+                `transformers.Trainer`); see [`pipo_sft_loss`].
+        """
+        input_ids, labels, attention_mask = self.model.check_and_layout(input_ids, labels, attention_mask,
+                                                                        inputs_embeds)
+        out = self.model._forward_laid_out(
+            input_ids, attention_mask, position_ids, cache, use_cache, mtp_cache, output_hidden_states,
+            output_attentions, **kwargs,
+        )
+        hidden, mtp_hidden = out.last_hidden_state, out.mtp_last_hidden_state
         logits = mtp_logits = None
         if return_logits:
-            logits = self.lm_head(hidden)
-            mtp_logits = None if mtp_hidden is None else self.lm_head(mtp_hidden)
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep])
+            mtp_logits = None if mtp_hidden is None else self.lm_head(mtp_hidden[:, keep])
 
-        loss = backbone_loss = mtp_loss = confidence_loss = None
+        losses = PipoLossOutput()
         if labels is not None:
-            backbone_loss, mtp_loss, confidence_loss = self.pipo_losses(hidden, mtp_hidden, conf_logits, labels)
-            loss = (
-                backbone_loss
-                + self.config.mtp_loss_weight * mtp_loss
-                + self.config.confidence_loss_weight * confidence_loss
-            )
-
+            losses = pipo_sft_loss(hidden, mtp_hidden, out.confidence_logits, labels, self.lm_head, self.config,
+                                   num_items_in_batch=num_items_in_batch)
         return PipoCausalLMOutput(
-            loss=loss,
-            backbone_loss=backbone_loss,
-            mtp_loss=mtp_loss,
-            confidence_loss=confidence_loss,
+            loss=losses.loss,
+            backbone_loss=losses.backbone_loss,
+            mtp_loss=losses.mtp_loss,
+            confidence_loss=losses.confidence_loss,
             logits=logits,
             mtp_logits=mtp_logits,
-            confidence_logits=conf_logits,
-            cache=cache if use_cache else None,
-            mtp_cache=mtp_cache if use_cache else None,
-            hidden_states=hidden,
-            mtp_hidden_states=mtp_hidden,
+            confidence_logits=out.confidence_logits,
+            cache=out.cache,
+            mtp_cache=out.mtp_cache,
+            last_hidden_state=hidden,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            mtp_last_hidden_state=mtp_hidden,
             pair_input_ids=input_ids,
             pair_labels=labels,
             pair_attention_mask=attention_mask,
         )
-
-    def pipo_losses(
-        self,
-        hidden: torch.Tensor,
-        mtp_hidden: torch.Tensor | None,
-        conf_logits: torch.Tensor | None,
-        labels: torch.LongTensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Backbone CE (target `labels[2j+2]`), MTP CE (target `labels[2j+3]`) and confidence BCE.
-
-        Each is a mean over its own labelled positions (zero, still attached to the graph, when there are none).
-        The BCE target is `p_MTP(gold)` taken from the MTP cross-entropy, detached. PAD is never a target (DESIGN
-        §1.1): labels equal to the PAD id are ignored, so no head learns to emit PAD.
-        """
-        labels = labels.masked_fill(labels == self.pad_token_id, IGNORE_INDEX)
-        chunk = self.config.loss_chunk_size
-        zero = hidden.sum() * 0.0
-        tok1_labels = labels[:, 2::2]
-        hb = hidden[:, : tok1_labels.shape[1]]
-        valid = tok1_labels != IGNORE_INDEX
-        if bool(valid.any()):
-            backbone_loss = chunked_nll(hb[valid], tok1_labels[valid], self.lm_head, chunk).mean()
-        else:
-            backbone_loss = zero
-
-        if mtp_hidden is None:
-            return backbone_loss, zero, zero
-        tok2_labels = labels[:, 3::2]
-        valid2 = tok2_labels != IGNORE_INDEX
-        if bool(valid2.any()):
-            nll = chunked_nll(mtp_hidden[valid2], tok2_labels[valid2], self.lm_head, chunk)
-            mtp_loss = nll.mean()
-            target = torch.exp(-nll.detach()).clamp(0.0, 1.0)
-            confidence_loss = F.binary_cross_entropy_with_logits(conf_logits[valid2].float(), target)
-        else:
-            # Ghost terms keep every head in the graph (DDP/ZeRO need a gradient on every rank).
-            mtp_loss = mtp_hidden.sum() * 0.0
-            confidence_loss = conf_logits.sum() * 0.0
-        return backbone_loss, mtp_loss, confidence_loss
 
     # -- generation -------------------------------------------------------------------------------------------------------
 
@@ -774,339 +1051,24 @@ class PipoForCausalLM(PipoPreTrainedModel, GenerationMixin):
         because appending one token changes the last pair's latent."""
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
 
-    # -- model card -------------------------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory, *args, model_card: dict | bool | None = None, **kwargs):
-        """`PreTrainedModel.save_pretrained`, then a PIPO README.md model card (see `modelcard_pipo`).
-
-        `model_card`: extra card fields (training stages, commit rate, ...) merged over `self.pipo_model_card_info`;
-        `False` writes no card. A README.md not written by PIPO is never overwritten.
-        """
-        # FSDP2 (`fully_shard`) swaps the instance's class for a generated `FSDP<Name>(FSDPModule, <Name>)` defined in
-        # torch; remote-code saving copies the file of `type(self)`, so save as the wrapped class itself (the state
-        # dict the caller passes is already gathered) and the folder ships modeling_pipo.py with a PIPO `auto_map`.
-        sharded_class = type(self)
-        bases = sharded_class.__bases__
-        if len(bases) == 2 and bases[0].__name__ in ("FSDPModule", "ReplicateModule"):
-            self.__class__ = bases[1]
-        try:
-            result = super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            self.__class__ = sharded_class
-        is_main = args[0] if args else kwargs.get("is_main_process", True)
-        if is_main and model_card is not False and os.path.isdir(save_directory):
-            write_model_card(self, save_directory, model_card if isinstance(model_card, dict) else None)
-        return result
-
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        # Both upload paths (push_to_hub, save_pretrained(push_to_hub=True)) write transformers' generic card just
-        # before this call; replace it by the PIPO card, then upload through huggingface_hub unchanged.
-        write_model_card(self, working_dir, repo_id=repo_id)
-        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+    # -- conversion -------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(
-        cls,
-        model_or_path,
-        tokenizer=None,
-        *,
-        pad_token_id: int | None = None,
-        pad_token: str = "<|pipo_pad|>",
-        compressor_type: str = "mlp",
-        mtp_init: str | None = None,
-        mtp_fc_init: str = "hidden_only",
-        confidence_threshold: float = 0.95,
-        return_tokenizer: bool = False,
-        backbone_kwargs: dict | None = None,
-        **config_kwargs,
-    ):
+    def from_backbone(cls, model_or_path, tokenizer=None, **kwargs):
         """Wrap a pretrained `*ForCausalLM` (a model object or a path/Hub id) as a PIPO model.
 
-        The backbone body and LM head are reused as they are (bit-identical; a model object is shared, not copied).
-        The compressor gets its identity-like init; the MTP layer comes from the checkpoint's native `mtp.*` weights
-        when present (Qwen3.5), else from a copy of the last full-attention backbone layer (`mtp_init`); the
-        confidence head starts near `c = 0.5`.
-
-        PAD and EOS (PIPO's PAD marks a rejected draft: it is never emitted and must never stop generation):
-
-        - The PAD is `pad_token_id` if given, else the tokenizer's pad token, else the backbone config's.
-        - A PAD that is also an EOS id (Qwen3 lists its pad `<|endoftext|>` in `generation_config.eos_token_id`;
-          the Qwen3.5 PIPO release uses `<|endoftext|>` as PAD) is **removed from every EOS list** of the
-          converted model (backbone config and generation config), as the PIPO authors do for Qwen3.5, and one
-          warning names the ids. The vocabulary, the tokenizer and the token's trained embedding stay as they are,
-          and the model matches the `hub_configs` presets and converted releases.
-        - Removing is refused when the PAD is the model's main stop token (the tokenizer's `eos_token`) or the
-          only EOS id (GPT-2's `<|endoftext|>`, base models whose pad is their EOS): a PAD taken from the
-          tokenizer/config is then replaced by a dedicated `pad_token` added to `tokenizer` (in place, embeddings
-          resized only when the new id does not fit), and an explicit `pad_token_id` that is the only EOS id is
-          an error.
-        - Without any pad, `pad_token` is added to `tokenizer` (Llama 3, Mistral, GPT-2); pass e.g.
-          `pad_token="<|finetune_right_pad_id|>"` to reuse a reserved token of the vocabulary instead.
-        - The tokenizer's pad token is set to the PAD, so batching pads with it.
-
-        Returns the model, or `(model, tokenizer)` with `return_tokenizer=True`.
-
-        Args:
-            backbone_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when a path is given (dtype, ...).
-            config_kwargs: extra [`PipoConfig`] fields (loss weights, `confidence_hidden_size`, ...).
+        The stable entry point of [`transformers_pipo.conversion.backbone.from_backbone`], which documents the
+        arguments, the PAD/EOS rule and what it changes on the objects passed in. Needs the `transformers_pipo`
+        package (a saved folder loaded as remote code only runs and generates).
         """
-        from transformers import AutoModelForCausalLM
-
-        native = None
-        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-            path = str(model_or_path)
-            causal_lm = AutoModelForCausalLM.from_pretrained(path, **(backbone_kwargs or {}))
-            native = native_mtp_state_dict(path)
-        elif isinstance(model_or_path, PreTrainedModel):
-            causal_lm = model_or_path
-        else:
-            raise TypeError(f"from_backbone expects a *ForCausalLM model or a path, got {type(model_or_path)}.")
-        if getattr(causal_lm.config, "model_type", None) == "pipo":
-            raise ValueError("from_backbone got a model that is already a PIPO model.")
-        if getattr(causal_lm, "get_output_embeddings", lambda: None)() is None:
-            raise ValueError(f"{type(causal_lm).__name__} has no LM head; pass a *ForCausalLM model.")
-
-        bb_config = causal_lm.config.get_text_config(decoder=True)
-        source_generation = getattr(causal_lm, "generation_config", None)
-        layout = resolve_pad_and_eos(
-            bb_config, source_generation, tokenizer, pad_token_id=pad_token_id,
-            vocab_rows=causal_lm.get_input_embeddings().weight.shape[0],
-        )
-        if layout.add_pad_token:
-            tokenizer.add_special_tokens({"pad_token": pad_token})
-            layout.pad_token_id = tokenizer.pad_token_id
-        elif tokenizer is not None and tokenizer.pad_token_id != layout.pad_token_id < len(tokenizer):
-            # Batching (pipeline, collators) pads with the tokenizer's pad token: make it the PIPO PAD.
-            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(layout.pad_token_id)
-        pad_token_id = layout.pad_token_id
-        if tokenizer is not None and pad_token_id >= causal_lm.get_input_embeddings().weight.shape[0]:
-            causal_lm.resize_token_embeddings(len(tokenizer))
-            bb_config = causal_lm.config.get_text_config(decoder=True)
-        if layout.removed:
-            logger.warning(layout.warning(tokenizer, getattr(causal_lm.config, "name_or_path", "") or ""))
-        bb_config = copy.deepcopy(bb_config)
-        bb_config.eos_token_id = layout.config_eos
-        if mtp_init is None:
-            mtp_init = "native" if native else "last_layer"
-        if mtp_init == "native" and not native:
-            raise ValueError("mtp_init='native' but the backbone checkpoint has no `mtp.*` weights.")
-
-        config = PipoConfig(
-            backbone_config=bb_config,
-            pad_token_id=pad_token_id,
-            compressor_type=compressor_type,
-            mtp_init=mtp_init,
-            mtp_fc_init=mtp_fc_init,
-            **config_kwargs,
-        )
-        config._attn_implementation = bb_config._attn_implementation
-        with torch.device("meta"):
-            pipo = cls(config)  # cheap skeleton; the real backbone is swapped in below
-        body = getattr(causal_lm, causal_lm.base_model_prefix)
-        pipo.model = body
-        pipo.lm_head = causal_lm.get_output_embeddings()
-        weight = pipo.lm_head.weight
-        device, dtype = weight.device, weight.dtype
-        hidden = config.hidden_size
-        template = _norm_template(body)
-        with torch.device(device):
-            pipo.compressor = COMPRESSOR_CLASSES[compressor_type](hidden)
-            pipo.mtp = PipoMTPHead(config.backbone_config, template)
-            pipo.confidence_head = PipoConfidenceHead(hidden, config.confidence_hidden_size or hidden, template)
-        for head in (pipo.compressor, pipo.mtp, pipo.confidence_head):
-            for module in reversed(list(head.modules())):  # children first, as in post_init
-                pipo._init_weights(module)
-        pipo.mtp.to(dtype)
-        _init_mtp_from_backbone(pipo, body, mtp_init, native)
-        source_generation = source_generation if source_generation is not None else GenerationConfig()
-        pipo.generation_config = copy.deepcopy(source_generation)
-        pipo.generation_config._from_model_config = False
-        pipo.generation_config.pad_token_id = pad_token_id
-        pipo.generation_config.eos_token_id = layout.generation_eos
-        if pipo.generation_config.do_sample is None:
-            # An explicit value stops pipeline() from injecting its sampling defaults (DESIGN §5.4).
-            pipo.generation_config.do_sample = False
-        pipo.generation_config.pipo_confidence_threshold = confidence_threshold
-        pipo.config.name_or_path = getattr(causal_lm.config, "name_or_path", "")
-        pipo.train(causal_lm.training)
-        return (pipo, tokenizer) if return_tokenizer else pipo
-
-
-@dataclass
-class PadEosLayout:
-    """Outcome of [`resolve_pad_and_eos`]: the PAD and the EOS lists of the converted model."""
-
-    pad_token_id: int | None
-    add_pad_token: bool  # a dedicated PAD token must be added to the tokenizer
-    config_eos: int | list[int] | None  # backbone config's eos_token_id, PAD removed
-    generation_eos: int | list[int] | None  # generation config's eos_token_id, PAD removed
-    removed: dict[str, list[int]]  # where the PAD was an EOS id: {"generation_config": [...], ...}
-
-    def warning(self, tokenizer=None, source: str = "") -> str:
-        token = ""
-        if tokenizer is not None:
-            token = f" {tokenizer.convert_ids_to_tokens(self.pad_token_id)!r}"
-        where = "; ".join(f"{name}.eos_token_id {ids}" for name, ids in self.removed.items())
-        return (
-            f"PIPO PAD {self.pad_token_id}{token} is also an EOS id of the backbone{' ' + source if source else ''} "
-            f"({where}). PAD marks a rejected draft and is never emitted, so it was removed from every EOS list: "
-            f"generation_config.eos_token_id={self.generation_eos}, backbone eos_token_id={self.config_eos}."
-        )
-
-
-def _unique(ids) -> list[int]:
-    out: list[int] = []
-    for i in ids:
-        if i is not None and int(i) not in out:
-            out.append(int(i))
-    return out
-
-
-def _drop(value, pad: int):
-    """`value` (None, int or list of ids) without `pad`, keeping its shape; None when nothing is left."""
-    ids = [i for i in _as_id_list(value) if i != pad]
-    if not ids:
-        return None
-    return ids[0] if isinstance(value, int) else ids
-
-
-def resolve_pad_and_eos(
-    backbone_config,
-    generation_config=None,
-    tokenizer=None,
-    *,
-    pad_token_id: int | None = None,
-    vocab_rows: int | None = None,
-) -> PadEosLayout:
-    """Choose the PIPO PAD of a backbone and its EOS lists with that PAD removed (rule in `from_backbone`).
-
-    Pure: reads the backbone config, its generation config and the tokenizer, changes none of them.
-    """
-    config_eos = _as_id_list(getattr(backbone_config, "eos_token_id", None))
-    generation_eos = _as_id_list(getattr(generation_config, "eos_token_id", None)) if generation_config else []
-    tokenizer_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    stop_ids = _unique(generation_eos + config_eos + [tokenizer_eos])
-
-    def others(pad: int) -> list[int]:
-        return [i for i in stop_ids if i != pad]
-
-    explicit = pad_token_id is not None
-    add = False
-    if explicit:
-        pad = int(pad_token_id)
-        if vocab_rows is not None and not 0 <= pad < vocab_rows:
-            raise ValueError(f"from_backbone: pad_token_id={pad} is outside the backbone vocabulary [0, {vocab_rows}).")
-        if pad in stop_ids and not others(pad):
-            raise ValueError(
-                f"from_backbone: pad_token_id={pad} equals an EOS id and is the backbone's only one ({stop_ids}): "
-                "PAD marks a rejected draft and is never emitted, so the model could never stop. Pass another "
-                "pad_token_id, or tokenizer= without pad_token_id to add a dedicated PAD token."
-            )
-    else:
-        pad = tokenizer.pad_token_id if tokenizer is not None else getattr(backbone_config, "pad_token_id", None)
-        if pad is not None and pad in stop_ids and (pad == tokenizer_eos or not others(pad)):
-            pad = None  # the main stop token: never remove it, use a dedicated PAD instead
-        if pad is None:
-            if tokenizer is None:
-                raise ValueError(
-                    "from_backbone needs a PAD id distinct from EOS: pass tokenizer= (a dedicated PAD is added when "
-                    "needed) or pad_token_id=."
-                )
-            add = True
-    if add:
-        return PadEosLayout(None, True, getattr(backbone_config, "eos_token_id", None),
-                            getattr(generation_config, "eos_token_id", None) if generation_config else None, {})
-    removed = {}
-    if pad in generation_eos:
-        removed["generation_config"] = generation_eos
-    if pad in config_eos:
-        removed["config"] = config_eos
-    if pad == tokenizer_eos:
-        removed["tokenizer"] = [tokenizer_eos]
-    fallback = others(pad)
-    fallback = fallback[0] if len(fallback) == 1 else (fallback or None)
-    new_config_eos = _drop(getattr(backbone_config, "eos_token_id", None), pad)
-    new_generation_eos = _drop(getattr(generation_config, "eos_token_id", None) if generation_config else None, pad)
-    if new_generation_eos is None and removed:
-        new_generation_eos = fallback
-    if new_config_eos is None and removed:
-        ids = _as_id_list(new_generation_eos)
-        new_config_eos = ids[0] if len(ids) == 1 else (ids or None)
-    if not removed:
-        new_config_eos = getattr(backbone_config, "eos_token_id", None)
-        new_generation_eos = getattr(generation_config, "eos_token_id", None) if generation_config else None
-    return PadEosLayout(pad, False, new_config_eos, new_generation_eos, removed)
-
-
-def native_mtp_state_dict(path: str) -> dict[str, torch.Tensor] | None:
-    """The `mtp.*` tensors of a checkpoint (Qwen3.5 ships a native MTP layer), keys without the `mtp.` prefix."""
-    import json
-    import os
-
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
-    def resolve(name):
-        if os.path.isdir(path):
-            candidate = os.path.join(path, name)
-            return candidate if os.path.isfile(candidate) else None
         try:
-            return cached_file(path, name, _raise_exceptions_for_missing_entries=False)
-        except OSError:
-            return None
-
-    index = resolve("model.safetensors.index.json")
-    if index is not None:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted({v for k, v in weight_map.items() if k.startswith("mtp.")})
-        files = [resolve(f) for f in files]
-    else:
-        single = resolve("model.safetensors")
-        files = [single] if single is not None else []
-    tensors = {}
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith("mtp."):
-                    tensors[key[len("mtp.") :]] = handle.get_tensor(key)
-    return tensors or None
-
-
-def _init_mtp_from_backbone(pipo: PipoForCausalLM, body: nn.Module, scheme: str, native: dict | None) -> None:
-    """Initialise the MTP decoder layer (and its final norm / position tables) from the backbone (DESIGN §1.5)."""
-    mtp = pipo.mtp
-    if scheme == "native":
-        result = mtp.load_state_dict(native, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(("rotary_emb", "_body"))]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"Native MTP weights do not match the MTP head: missing {missing}, unexpected "
-                f"{result.unexpected_keys}."
-            )
-        return
-    bb_config = pipo.config.backbone_config
-    layers = _decoder_layers(body, bb_config.num_hidden_layers)
-    for name, child in mtp.named_children():
-        if name in ("fc", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
-            continue
-        source = getattr(body, name, None)
-        if child is _decoder_layers(mtp, 1):
-            if scheme == "random":
-                continue
-            types = getattr(bb_config, "layer_types", None) or ["full_attention"] * len(layers)
-            full = [i for i, t in enumerate(types) if t == "full_attention"]
-            source_layer = layers[full[-1] if full else len(layers) - 1]
-            target = child[0]
-            src_state = source_layer.state_dict()
-            tgt_state = target.state_dict()
-            if set(src_state) == set(tgt_state) and all(src_state[k].shape == tgt_state[k].shape for k in src_state):
-                target.load_state_dict(src_state)
-        elif isinstance(source, nn.Module) and source is not body.get_input_embeddings():
-            src_state, tgt_state = source.state_dict(), child.state_dict()
-            if src_state and set(src_state) == set(tgt_state):
-                if all(src_state[k].shape == tgt_state[k].shape for k in src_state):
-                    child.load_state_dict(src_state)
+            from transformers_pipo.conversion.backbone import from_backbone
+        except ImportError as err:  # remote code in a process without the package
+            raise ImportError(
+                "PipoForCausalLM.from_backbone needs the transformers-pipo package (`pip install transformers-pipo`);"
+                " a saved PIPO folder loads and generates without it."
+            ) from err
+        return from_backbone(model_or_path, tokenizer, model_class=cls, **kwargs)
 
 
 def latent_positions(
@@ -1120,4 +1082,14 @@ def latent_positions(
     return positions.clamp(min=0)[:, -n_lat:]
 
 
-__all__ = ["PipoForCausalLM", "PipoPreTrainedModel", "PipoCausalLMOutput", "pair_layout", "align_row"]
+__all__ = [
+    "PipoForCausalLM",
+    "PipoModel",
+    "PipoPreTrainedModel",
+    "PipoCausalLMOutput",
+    "PipoModelOutput",
+    "PipoLossOutput",
+    "pipo_sft_loss",
+    "pair_layout",
+    "align_row",
+]

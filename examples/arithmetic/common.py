@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100
+from transformers_pipo.modeling_pipo import IGNORE_INDEX
 
 
 @dataclass

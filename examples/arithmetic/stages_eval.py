@@ -13,6 +13,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from transformers_pipo.demo import save_embedded_model
+from transformers_pipo.generation_pipo import commit_rate
+from transformers_pipo.modeling_pipo import IGNORE_INDEX
+
 from . import task
 from .common import PipelineConfig, decode_new, is_done, left_pad, read_marker, write_jsonl
 from .stages_base import _order_by_difficulty, load_model, load_split, load_tokenizer
@@ -149,7 +153,7 @@ def reliability(model, tok, problems: list[task.Problem], batch_size: int = 64) 
         batch = collator(records)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         labels = out.pair_labels[:, 3::2]
-        valid = labels != -100
+        valid = labels != IGNORE_INDEX
         pred = out.mtp_logits.argmax(-1)
         confs.append(torch.sigmoid(out.confidence_logits[valid]).float())
         hits.append((pred[valid] == labels[valid]).float())
@@ -221,7 +225,7 @@ def _row(cfg: PipelineConfig, tok, model, test: list[task.Problem], key: str, la
             "label": label, "model": model_name, "decoding": mode, "tau": tau_value,
             "avg@4": avg, "pass@4": pas, "greedy_accuracy": _accuracy(greedy["correct"])[0],
             "tokens_per_step": (sampled["tokens"] + greedy["tokens"]) / max(1, steps),
-            "commit_rate": ((sampled["committed"] + greedy["committed"]) / max(1, steps)
+            "commit_rate": (commit_rate(sampled["committed"] + greedy["committed"], steps)
                             if mode == "pipo" else None),
             "mean_response_tokens": greedy["tokens"] / len(test),
             "greedy_correct": [c[0] for c in greedy["correct"]],
@@ -269,7 +273,7 @@ def stage_eval(cfg: PipelineConfig) -> dict:
             points.append({
                 "tau": tau,
                 "greedy_accuracy": _accuracy(r["correct"])[0],
-                "commit_rate": r["committed"] / max(1, r["steps"]),
+                "commit_rate": commit_rate(r["committed"], r["steps"]),
                 "tokens_per_step": r["tokens"] / max(1, r["steps"]),
                 "tokens_per_s": timing[f"tau={tau}"]["tokens_per_s"],
                 "tpot_ms": timing[f"tau={tau}"]["tpot_ms"],
@@ -685,8 +689,7 @@ def stage_export(cfg: PipelineConfig) -> dict:
         if name == "pipo_student":
             model.generation_config.pipo_confidence_threshold = tau
         model.generation_config.max_new_tokens = cfg.max_new_tokens
-        model.save_pretrained(target)
-        tok.save_pretrained(target)
+        save_embedded_model(model, target, tok)  # package data: no remote-code copies (the package holds the code)
         sizes[name] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     write_jsonl(dest / "test_problems.jsonl",
                 ({"expression": p.expression, "answer": p.answer} for p in load_split(cfg, "test")))
@@ -699,6 +702,7 @@ def stage_export(cfg: PipelineConfig) -> dict:
         "- `student_base/`: the ordinary causal LM it was converted from (regular-decoding baseline).\n"
         "- `test_problems.jsonl`: the held-out test split (never trained on); `pipo demo` draws fresh problems of "
         "the same family instead.\n\n"
-        "Both load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; see docs/RESULTS.md.\n"
+        "They hold config, weights and tokenizer, no code: with `transformers_pipo` imported both load with "
+        "`AutoModelForCausalLM.from_pretrained(path)` (`trust_remote_code` optional); see docs/RESULTS.md.\n"
     )
     return {"bytes": sizes, "total_mb": total / 2**20, "threshold": tau}

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5ForCausalLM
 from transformers.models.qwen3_5 import Qwen3_5TextConfig
 
@@ -257,7 +257,7 @@ def test_bare_model_prefix_pad_removed_from_eos_and_cli(tmp_path, capsys):
     src = tmp_path / "ref"
     # the published configs list <|endoftext|> (= the PIPO PAD) among the EOS ids
     write_reference(src, bare, tied=True, compressor=None, eos=PAD, generation_eos=[EOS, PAD])
-    assert cli_main(["convert-reference", str(src), str(tmp_path / "out"), "--confidence-threshold", "0.8"]) == 0
+    assert cli_main(["convert-reference", str(src), str(tmp_path / "out"), "--pipo-confidence-threshold", "0.8"]) == 0
     assert "compressor: mlp" in capsys.readouterr().out  # found from the keys (config has no compressor_type)
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [EOS] and gen["pad_token_id"] == PAD and gen["pipo_confidence_threshold"] == 0.8
@@ -289,7 +289,7 @@ def test_every_field_from_the_command_line_survives_a_reload(tmp_path):
     src = tmp_path / "ref"
     _source_with_transformers_generation_config(src)
     out = tmp_path / "out"
-    assert cli_main(["convert-reference", str(src), str(out), "--confidence-threshold", "0.5", "--compressor-type",
+    assert cli_main(["convert-reference", str(src), str(out), "--pipo-confidence-threshold", "0.5", "--compressor-type",
                      "mlp", "--pad-token-id", str(PAD), "--eos-token-id", str(EOS), "7"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     gen = model.generation_config
@@ -426,6 +426,14 @@ def test_lora_adapter_is_merged_like_peft(tmp_path):
                 param.add_(torch.randn(param.shape, generator=gen) * 0.1)
     adapter_dir = tmp_path / "checkpoint-1500"
     pm.save_pretrained(adapter_dir)
+    # Our adapter names modules in our layout (`model.backbone.*`, `model.<head>.*`); the released adapters use the
+    # reference layout (`model.*`, `<head>.*`), which is what convert-reference reads.
+    from transformers_pipo.conversion.reference import reference_key
+
+    adapter_file = adapter_dir / "adapter_model.safetensors"
+    prefix = "base_model.model."
+    renamed = {prefix + reference_key(k[len(prefix):]): v for k, v in load_file(adapter_file).items()}
+    save_file(renamed, adapter_file, metadata={"format": "pt"})
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "Qwen/Qwen3.5-4B"  # as in the released adapters: not a local folder
     (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))

@@ -30,6 +30,7 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     assert "95% bootstrap interval" in report and "Paired differences" in report and "| eager |" in report
     assert (out / "docs" / "arithmetic_pareto.png").exists()
     assert (out / "assets" / "pipo_student" / "config.json").exists()
+    assert not list((out / "assets").rglob("*.py"))  # exported package data ships no remote-code copies
     capsys.readouterr()
     assert run_pipeline.main(["--quick", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("skipped") == len(run_pipeline.STAGE_ORDER)

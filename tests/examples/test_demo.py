@@ -68,12 +68,13 @@ def test_assets_exist_and_are_small():
     assert set(held_out) == {p.expression for p in test_split}
 
 
+@pytest.mark.parametrize("trust_remote_code", [True, False])
 @pytest.mark.parametrize("which", ["pipo", "base"])
-def test_embedded_models_load_with_remote_code(which):
+def test_embedded_models_load_with_and_without_remote_code(which, trust_remote_code):
     from transformers import AutoModelForCausalLM
 
     path = demo.PIPO_MODEL_DIR if which == "pipo" else demo.BASE_MODEL_DIR
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     assert (model.config.model_type == "pipo") == (which == "pipo")
     if which == "pipo":
         tau = model.generation_config.pipo_confidence_threshold
@@ -120,7 +121,7 @@ def test_pipo_demo_json(capsys):
 def test_pipo_demo_text(capsys):
     from transformers_pipo.cli import main
 
-    assert main(["demo", "--n", "1", "--seed", "1", "--threshold", "1.0"]) == 0
+    assert main(["demo", "--n", "1", "--seed", "1", "--pipo-confidence-threshold", "1.0"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "commit rate   0.0%" in out  # τ >= 1 never commits a draft
 
@@ -135,18 +136,40 @@ def test_pipo_generate_streams(capsys):
     assert "commit rate" in captured.err
 
 
-def test_embedded_remote_code_matches_the_package():
-    """The embedded PIPO folder ships the remote-code files; they must be the package's current ones.
+def test_embedded_models_hold_no_code():
+    """The code exists once, in the package: the embedded folders hold config, weights and tokenizer only (no `.py`
+    copies, no `auto_map`), in the current weight layout."""
+    from safetensors import safe_open
 
-    After changing a remote-code module, copy it into the asset folder (or re-save the model) to refresh them.
-    """
-    import transformers_pipo
+    assert not sorted(demo.ASSETS_DIR.rglob("*.py"))
+    for folder in (demo.PIPO_MODEL_DIR, demo.BASE_MODEL_DIR):
+        assert "auto_map" not in json.loads((folder / "config.json").read_text()), folder
+    with safe_open(demo.PIPO_MODEL_DIR / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert {"model.backbone.embed_tokens.weight", "model.compressor.mlp.0.weight", "model.mtp.fc.weight",
+            "model.confidence_head.fc1.weight"} <= keys
+    assert not any(k.startswith(("compressor.", "mtp.", "confidence_head.", "model.layers.")) for k in keys)
 
-    package_dir = Path(transformers_pipo.__file__).parent
-    shipped = sorted(demo.PIPO_MODEL_DIR.glob("*.py"))
-    assert {p.name for p in shipped} >= {"configuration_pipo.py", "modeling_pipo.py", "generation_pipo.py"}
-    stale = [p.name for p in shipped if p.read_text() != (package_dir / p.name).read_text()]
-    assert not stale, f"embedded remote code is stale: {stale}"
+
+def test_save_embedded_model_writes_no_code_and_keeps_remote_code_saving(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from transformers_pipo import PipoConfig, PipoForCausalLM
+
+    pipo, _, tokenizer = demo.load_models()
+    demo.save_embedded_model(pipo, tmp_path / "embedded", tokenizer)
+    files = {p.name for p in (tmp_path / "embedded").iterdir()}
+    assert files == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"}
+    assert "auto_map" not in json.loads((tmp_path / "embedded" / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "embedded")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), pipo.state_dict().values()))
+    # The registration is restored: a shared checkpoint still ships its code.
+    assert PipoForCausalLM._auto_class == "AutoModelForCausalLM" and PipoConfig._auto_class == "AutoConfig"
+    pipo.save_pretrained(tmp_path / "shared")
+    assert {"configuration_pipo.py", "modeling_pipo.py", "generation_pipo.py"} <= {
+        p.name for p in (tmp_path / "shared").iterdir()}
+    assert "auto_map" in json.loads((tmp_path / "shared" / "config.json").read_text())
 
 
 def test_demo_gets_most_fresh_answers_right():

@@ -55,7 +55,7 @@ def test_lora_wraps_the_right_modules(lora_run):
     assert isinstance(model, PeftModel)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("mtp.layers.0.self_attn.q_proj.lora_A" in n for n in trainable)  # MTP layer adapted by suffix
-    assert any("model.layers.0.mlp.down_proj.lora_B" in n for n in trainable)
+    assert any("model.backbone.layers.0.mlp.down_proj.lora_B" in n for n in trainable)
     for name in ("compressor", "confidence_head", "mtp.fc", "mtp.norm"):
         assert any(f"{name}.modules_to_save" in n for n in trainable), name
     assert not any("embed_tokens" in n or "lm_head" in n for n in trainable)
@@ -63,7 +63,7 @@ def test_lora_wraps_the_right_modules(lora_run):
     assert set(config["modules_to_save"]) >= {"compressor", "confidence_head", "mtp.fc"}
     with safe_open(lora_run["root"] / "adapter" / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
-    assert any(k.startswith("base_model.model.compressor.") for k in keys)
+    assert any(k.startswith("base_model.model.model.compressor.") for k in keys)
     assert any("lora_A" in k for k in keys)
     lora_b = [k for k in keys if "lora_B" in k]
     with safe_open(lora_run["root"] / "adapter" / "adapter_model.safetensors", "pt") as f:

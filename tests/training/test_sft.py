@@ -114,7 +114,8 @@ def test_loss_weights_come_from_the_config(tmp_path):
     with torch.no_grad():
         loss, out = trainer.compute_loss(model, batch, return_outputs=True)
     assert loss.item() == pytest.approx((out.backbone_loss + 2.0 * out.confidence_loss).item(), rel=1e-6)
-    assert trainer.loss_is_scaled_for_ga is False  # per-micro-batch means: Trainer averages over accumulation
+    assert model.config.mtp_loss_weight == 0.0 and model.config.confidence_loss_weight == 2.0  # one place: config
+    assert trainer.model_accepts_loss_kwargs  # Trainer passes num_items_in_batch and does not rescale the loss
     metrics = trainer.evaluate(eval_dataset=records)
     assert {"eval_loss", "eval_backbone_loss", "eval_mtp_loss", "eval_confidence_loss"} <= set(metrics)
 
@@ -128,10 +129,10 @@ def test_trainable_groups(tmp_path, mode):
                              processing_class=pad_tokenizer())
     trainer.train()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
-    assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed  # always frozen
-    assert any(k.startswith("compressor.") for k in changed) and any(k.startswith("mtp.") for k in changed)
-    assert any(k.startswith("confidence_head.") for k in changed)
-    backbone_changed = any(k.startswith("model.layers.") for k in changed)
+    assert "model.backbone.embed_tokens.weight" not in changed and "lm_head.weight" not in changed  # always frozen
+    assert any(k.startswith("model.compressor.") for k in changed) and any(k.startswith("model.mtp.") for k in changed)
+    assert any(k.startswith("model.confidence_head.") for k in changed)
+    backbone_changed = any(k.startswith("model.backbone.layers.") for k in changed)
     assert backbone_changed == (mode == "full")
 
 
@@ -144,3 +145,20 @@ def test_config_errors_name_the_problem(tmp_path):
         from conftest import tiny_backbone_config
 
         PipoSFTTrainer(model=AutoModelForCausalLM.from_config(tiny_backbone_config("qwen3")), args=sft_args(tmp_path))
+
+
+def test_sft_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """The PIPO trainer uses the model's loss with `num_items_in_batch`: 2 accumulation steps of 4 rows update the
+    parameters like one step over the 8 rows (SGD, no clipping, no PAD augmentation)."""
+    records = pattern_records(8, seed=9)
+    states = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = pattern_pipo(seed=3)
+        args = sft_args(tmp_path / f"ga{accumulation}", max_steps=1, per_device_train_batch_size=batch,
+                        gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, warmup_steps=0,
+                        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, max_pad_ratio=0.0)
+        PipoSFTTrainer(model=model, args=args, train_dataset=records, processing_class=pad_tokenizer()).train()
+        states.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    start = dict(pattern_pipo(seed=3).named_parameters())
+    for name, big in states[0].items():
+        torch.testing.assert_close(states[1][name] - start[name], big - start[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -324,5 +324,5 @@ def test_resume_does_not_warn_about_the_tied_lm_head(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.trainer.logger, "warning", lambda msg, *a, **k: warnings_logged.append(msg))
     trainer._issue_warnings_after_load(_IncompatibleKeys(missing_keys=["lm_head.weight"], unexpected_keys=[]))
     assert warnings_logged == []
-    trainer._issue_warnings_after_load(_IncompatibleKeys(missing_keys=["compressor.mlp.0.weight"], unexpected_keys=[]))
-    assert len(warnings_logged) == 1 and "compressor.mlp.0.weight" in warnings_logged[0]  # real gaps still warn
+    trainer._issue_warnings_after_load(_IncompatibleKeys(missing_keys=["model.compressor.mlp.0.weight"], unexpected_keys=[]))
+    assert len(warnings_logged) == 1 and "model.compressor.mlp.0.weight" in warnings_logged[0]  # real gaps still warn

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eos-token-id", type=int, nargs="+",
                         help="EOS id(s) (default: generation_config.json's, else the config's; PAD is removed; "
                              "the tokenizer's eos_token when none is left).")
-    parser.add_argument("--confidence-threshold", type=float,
+    parser.add_argument("--pipo-confidence-threshold", type=float,
                         help="Draft gate τ stored in generation_config.json (default: the source config's "
                              "conf_threshold, else 0.95).")
     parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard to write (default 5GB).")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             compressor_type=args.compressor_type,
             pad_token_id=args.pad_token_id,
             eos_token_id=args.eos_token_id,
-            confidence_threshold=args.confidence_threshold,
+            pipo_confidence_threshold=args.pipo_confidence_threshold,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             verify=not args.no_verify,

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     parser.add_argument("--n", type=int, default=8, help="Number of fresh problems (default 8).")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--pipo-confidence-threshold", type=float, default=None,
                         help="Confidence threshold τ (<0 commits every draft, >=1 none); default: the shipped τ.")
     parser.add_argument("--seed", type=int, default=None, help="Seed of the problem draw (default: random).")
     parser.add_argument("--json", action="store_true", help="Print a machine-readable JSON report.")
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(items):
         return tqdm(items, desc="solving", unit="problem", file=sys.stderr, disable=None)
 
-    report = demo.compare(args.n, threshold=args.threshold, seed=args.seed, models=models, progress=progress)
+    report = demo.compare(args.n, pipo_confidence_threshold=args.pipo_confidence_threshold, seed=args.seed, models=models, progress=progress)
     if args.json:
         print(json.dumps(demo.as_json(report), indent=2))
         return 0

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, help="PIPO checkpoint folder or Hub id (default: the embedded one).")
     parser.add_argument("--prompt", required=True, help="Prompt text.")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="Budget of real tokens (default 256).")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--pipo-confidence-threshold", type=float, default=None,
                         help="Confidence threshold τ (default: the checkpoint's generation_config).")
     parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (with --sample).")
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if is_pipo:
         if args.regular:
             kwargs["pipo_decoding"] = False
-        elif args.threshold is not None:
-            kwargs["pipo_confidence_threshold"] = args.threshold
+        elif args.pipo_confidence_threshold is not None:
+            kwargs["pipo_confidence_threshold"] = args.pipo_confidence_threshold
     sys.stdout.write(prompt)
     sys.stdout.flush()
     start = time.perf_counter()
@@ -76,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
     stats = f"{n} tokens in {seconds:.2f}s ({n / max(seconds, 1e-9):.1f} tokens/s)"
     if is_pipo and getattr(out, "decode_steps", None) is not None:
         steps = int(out.decode_steps[0])
-        stats += (f", {steps} backbone steps, commit rate {int(out.committed_drafts[0]) / max(1, steps):.1%}")
+        stats += f", {steps} backbone steps, commit rate {float(out.commit_rate[0]):.1%}"
     print(f"\n[{stats}]", file=sys.stderr)
     return 0

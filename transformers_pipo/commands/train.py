@@ -67,10 +67,11 @@ class PipoSFTScriptArguments(PipoTrainScriptArguments):
         metadata={"help": "PIPO PAD id for --from_backbone (default: the tokenizer's pad; a PAD that is also an EOS "
                   "id is removed from the EOS lists, see PipoForCausalLM.from_backbone)."},
     )
-    pad_token: str = field(
-        default="<|pipo_pad|>",
-        metadata={"help": "PAD token added by --from_backbone when the tokenizer has no usable pad (an existing "
-                  "token, e.g. <|finetune_right_pad_id|>, is reused without growing the vocabulary)."},
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "PAD token added by --from_backbone when the tokenizer has no usable pad (default: "
+                  "from_backbone's <|pipo_pad|>; an existing token, e.g. <|finetune_right_pad_id|>, is reused without "
+                  "growing the vocabulary)."},
     )
 
 
@@ -293,10 +294,10 @@ def _load(script: PipoTrainScriptArguments):
             raise SystemExit(f"pipo train: {script.model} is already a PIPO checkpoint; drop --from_backbone.")
         model = AutoModelForCausalLM.from_pretrained(script.model)
     elif script.from_backbone:
+        pad_token = getattr(script, "pad_token", None)
         model, tokenizer = PipoForCausalLM.from_backbone(
             script.model, tokenizer, compressor_type=script.compressor_type, return_tokenizer=True,
-            pad_token_id=getattr(script, "pad_token_id", None),
-            pad_token=getattr(script, "pad_token", "<|pipo_pad|>"),
+            pad_token_id=getattr(script, "pad_token_id", None), **({"pad_token": pad_token} if pad_token else {}),
         )
     else:
         raise SystemExit(

@@ -18,8 +18,9 @@ An unmerged LoRA adapter folder (DESIGN §6.2: `adapter_config.json` + `adapter_
 base checkpoint first (`W += alpha/r · B·A`, rsLoRA and per-module rank/alpha patterns honoured); DoRA and
 embedding LoRA are refused.
 
-Our layout differs only by the backbone prefix (`model.*`); everything else keeps the reference names, so the
-conversion is a rename plus a strict check: every source tensor must land in a parameter of the PIPO model and
+Our layout (DESIGN §6) nests the reference names under the body: backbone `model.backbone.*`, heads
+`model.compressor.*`, `model.mtp.*`, `model.confidence_head.*`, and `lm_head.weight`; the conversion is a rename plus a
+strict check: every source tensor must land in a parameter of the PIPO model and
 every parameter must be filled, otherwise [`ReferenceLayoutError`] lists the unexpected and the missing keys.
 """
 
@@ -35,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..generation_pipo import DEFAULT_CONFIDENCE_THRESHOLD
+from ..modeling_pipo import PIPO_HEADS
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -300,12 +304,26 @@ def rename_reference_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, s
         if key.startswith(IGNORED_PREFIXES):
             ignored.append(key)
         elif key.startswith("model.language_model."):
-            mapping[key] = "model." + key[len("model.language_model."):]
-        elif key.startswith(("model.", "mtp.", "compressor.", "confidence_head.")) or key == "lm_head.weight":
+            mapping[key] = "model.backbone." + key[len("model.language_model."):]
+        elif key.startswith("model."):
+            mapping[key] = "model.backbone." + key[len("model."):]
+        elif key.startswith(tuple(f"{head}." for head in PIPO_HEADS)):
+            mapping[key] = "model." + key
+        elif key == "lm_head.weight":
             mapping[key] = key
         else:
             unexpected.append(key)
     return mapping, ignored, unexpected
+
+
+def reference_key(key: str) -> str:
+    """The reference-layout name of a PIPO parameter (inverse of [`rename_reference_keys`] for a bare backbone),
+    so errors name keys as they appear in the checkpoint being converted."""
+    if key.startswith("model.backbone."):
+        return "model." + key[len("model.backbone."):]
+    if key.startswith(tuple(f"model.{head}." for head in PIPO_HEADS)):
+        return key[len("model."):]
+    return key
 
 
 def _refuse_pipo_checkpoint(src: Path) -> None:
@@ -363,7 +381,7 @@ def convert_reference(
     compressor_type: str | None = None,
     pad_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
-    confidence_threshold: float | None = None,
+    pipo_confidence_threshold: float | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     verify: bool = True,
@@ -379,9 +397,9 @@ def convert_reference(
         eos_token_id: EOS id(s) (default: `generation_config.json`'s, else the config's); the PAD is always removed,
             and when no id is left the tokenizer's `eos_token` is used (a Qwen3.5 release lists only the PAD
             248044 as EOS; its tokenizer names `<|im_end|>`, 248046).
-        confidence_threshold: τ stored in the generation config (default: the source config's
-            `pipo_confidence_threshold` / `conf_threshold` / `pipo_conf_threshold`, else 0.95, the reference
-            evaluation default).
+        pipo_confidence_threshold: τ stored in the generation config (default: the source config's
+            `pipo_confidence_threshold` / `conf_threshold` / `pipo_conf_threshold`, else
+            `DEFAULT_CONFIDENCE_THRESHOLD` (0.95, the reference evaluation default)).
 
     Every PIPO field of the source (`compressor_type`, `pad_token_id`, `mtp_loss_weight`, `confidence_loss_weight`,
     τ, the generation config's sampling fields) or of the arguments is written so that it survives a reload.
@@ -541,7 +559,7 @@ def convert_reference(
     if config.tie_word_embeddings:
         for target in getattr(skeleton, "_tied_weights_keys", None) or {}:
             expected.pop(target, None)
-    missing = sorted(set(expected) - set(renamed))
+    missing = sorted(reference_key(k) for k in set(expected) - set(renamed))
     unexpected_pipo = sorted(set(renamed) - set(expected))
     reverse = {v: k for k, v in mapping.items()}
     mismatched = [
@@ -565,11 +583,12 @@ def convert_reference(
     gen.eos_token_id = eos
     if backbone.bos_token_id is not None and gen.bos_token_id is None:
         gen.bos_token_id = backbone.bos_token_id
-    if confidence_threshold is None:
-        confidence_threshold = pipo_fields.get("confidence_threshold")
-        if confidence_threshold is not None:
-            notes.append(f"confidence threshold {confidence_threshold} taken from the source config.")
-    gen.pipo_confidence_threshold = 0.95 if confidence_threshold is None else float(confidence_threshold)
+    tau = pipo_confidence_threshold
+    if tau is None:
+        tau = pipo_fields.get("confidence_threshold")
+        if tau is not None:
+            notes.append(f"confidence threshold {tau} taken from the source config.")
+    gen.pipo_confidence_threshold = DEFAULT_CONFIDENCE_THRESHOLD if tau is None else float(tau)
     # Our own generation config: with `_from_model_config` (as in files written by transformers from a model
     # config) transformers would rebuild it from config.json on load and drop the PIPO fields (τ).
     gen._from_model_config = False

@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
+from ..modeling_pipo import IGNORE_INDEX, align_row
 from .data import PipoDataError, encode_record
-
-IGNORE_INDEX = -100
 # Key under which IndexedDataset adds each record's dataset index.
 INDEX_KEY = "pipo_index"
 PAD_AUGMENTATIONS = ("split", "shift", "none")
@@ -190,13 +189,12 @@ class PipoDataCollator:
         n = len(self._prefix_ids)
         if n and response[:n] == self._prefix_ids:
             prompt, response = prompt + response[:n], response[n:]
-        if len(prompt) % 2:
-            prompt.append(pad)
         body = augment_response(
             response, pad, ratio, self.pad_augmentation, self.min_split_pairs, rng or self._rng or random
         ) if response else []
-        ids = prompt + body
-        labels = [IGNORE_INDEX] * len(prompt) + [t if t != pad else IGNORE_INDEX for t in body]
+        # The parity step shared with `PipoForCausalLM.forward` (DESIGN §1.2): PAD after an odd prompt, even total.
+        ids, labels = align_row(prompt + body, [IGNORE_INDEX] * len(prompt) + [t if t != pad else IGNORE_INDEX
+                                                                              for t in body], pad)
         if self.max_length is not None:
             cut = self.max_length - self.max_length % 2
             ids, labels = ids[:cut], labels[:cut]

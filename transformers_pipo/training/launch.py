@@ -38,6 +38,23 @@ from __future__ import annotations
 
 import os
 
+def _deepspeed_config(stage: int) -> str:
+    """The DeepSpeed ZeRO-`stage` template (stage 3 also initialises sharded and saves a gathered 16-bit model)."""
+    zero3 = "  zero3_init_flag: true\n  zero3_save_16bit_model: true\n" if stage == 3 else "  zero3_init_flag: false\n"
+    return f"""\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+num_machines: 1
+num_processes: 8
+machine_rank: 0
+mixed_precision: bf16
+deepspeed_config:
+  zero_stage: {stage}
+  offload_optimizer_device: none
+  offload_param_device: none
+{zero3}"""
+
+
 ACCELERATE_CONFIGS: dict[str, str] = {
     "cpu": """\
 compute_environment: LOCAL_MACHINE
@@ -72,33 +89,8 @@ fsdp_config:
   fsdp_cpu_ram_efficient_loading: true
   fsdp_activation_checkpointing: false
 """,
-    "deepspeed-zero2": """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-num_machines: 1
-num_processes: 8
-machine_rank: 0
-mixed_precision: bf16
-deepspeed_config:
-  zero_stage: 2
-  offload_optimizer_device: none
-  offload_param_device: none
-  zero3_init_flag: false
-""",
-    "deepspeed-zero3": """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-num_machines: 1
-num_processes: 8
-machine_rank: 0
-mixed_precision: bf16
-deepspeed_config:
-  zero_stage: 3
-  offload_optimizer_device: none
-  offload_param_device: none
-  zero3_init_flag: true
-  zero3_save_16bit_model: true
-""",
+    "deepspeed-zero2": _deepspeed_config(2),
+    "deepspeed-zero3": _deepspeed_config(3),
 }
 
 

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..modeling_pipo import IGNORE_INDEX
+
 DIVERGENCES = ("full", "topk", "sampled")
 FILL_LABEL = -1  # label value meaning "fill from the student's own distribution" (DESIGN §2.5e)
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -390,8 +391,8 @@ def opd_loss(
     topk: int = 32,
     temperature: float = 1.0,
     fill_pad_labels: bool = True,
-    mtp_loss_weight: float = 1.0,
-    confidence_loss_weight: float = 1.0,
+    mtp_loss_weight: float | None = None,
+    confidence_loss_weight: float | None = None,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> OPDLossOutput:
@@ -405,15 +406,20 @@ def opd_loss(
        keep every parameter in the graph.
 
     `student` may be wrapped by peft (its base must expose `lm_head` and the PIPO config); `teacher` is a plain causal
-    LM. PAD is removed from both vocabularies (it is never a prediction target).
+    LM. PAD is removed from both vocabularies (it is never a prediction target). The loss weights default to the
+    student config's `mtp_loss_weight` / `confidence_loss_weight`.
     """
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     config = base.config
+    if mtp_loss_weight is None:
+        mtp_loss_weight = config.mtp_loss_weight
+    if confidence_loss_weight is None:
+        confidence_loss_weight = config.confidence_loss_weight
     pad = config.pad_token_id
     out = student(input_ids=input_ids, attention_mask=attention_mask, return_logits=False, use_cache=False)
     if out.pair_input_ids.shape != input_ids.shape:
         raise ValueError("OPD rows must already be laid out in pairs (even rows, PAD after odd prompts).")
-    hidden, mtp_hidden, conf_logits = out.hidden_states, out.mtp_hidden_states, out.confidence_logits
+    hidden, mtp_hidden, conf_logits = out.last_hidden_state, out.mtp_last_hidden_state, out.confidence_logits
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     is_pad = (input_ids == pad) & real
     if bool(is_pad[:, 0::2].any()):

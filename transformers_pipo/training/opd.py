@@ -31,7 +31,14 @@ import torch
 from .collator import IGNORE_INDEX, PipoDataCollator
 from .launch import check_distributed_launch
 from .losses import DIVERGENCES, opd_loss
-from .sft import PipoTrainingMixinArguments, _ComponentLogging, load_pipo_model, pipo_base, prepare_lora_base
+from .sft import (
+    PipoTrainingMixinArguments,
+    _ComponentLogging,
+    apply_loss_settings,
+    load_pipo_model,
+    pipo_base,
+    prepare_lora_base,
+)
 
 with warnings.catch_warnings():
     # trl announces its experimental namespace with a warning on import; the GKD API used here is pinned by tests.
@@ -244,8 +251,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
         if not isinstance(teacher_model, str) and getattr(teacher_model.config, "model_type", None) == "pipo":
             raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model (it scores PAD-free text).")
         model = load_pipo_model(model)
-        if args.loss_chunk_size is not None:
-            pipo_base(model).config.loss_chunk_size = args.loss_chunk_size
+        apply_loss_settings(model, args)  # weights and chunk size live in the model config
         pad = pipo_base(model).config.pad_token_id
         if args.train_mode == "lora":
             if peft_config is None and not hasattr(model, "peft_config"):
@@ -370,8 +376,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             )
             stats = {"rollout_slots": lengths.mean(), "rollout_length": real.mean()}
             if getattr(out, "committed_drafts", None) is not None and getattr(out, "decode_steps", None) is not None:
-                rate = out.committed_drafts.float() / out.decode_steps.clamp(min=1).float()
-                stats["rollout_commit_rate"] = rate.mean()
+                stats["rollout_commit_rate"] = out.commit_rate.mean()
             if getattr(out, "mean_confidence", None) is not None:
                 stats["rollout_confidence"] = torch.nanmean(out.mean_confidence.float())
             self._record(stats, mode="eval" if self._evaluating else "train")
@@ -418,8 +423,6 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             topk=args.divergence_topk,
             temperature=args.divergence_temperature,
             fill_pad_labels=args.fill_pad_labels,
-            mtp_loss_weight=args.mtp_loss_weight,
-            confidence_loss_weight=args.confidence_loss_weight,
         )
         with torch.no_grad():
             stats = {

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modeling_pipo import PIPO_HEADS
+
 TRAIN_MODES = ("full", "heads", "lora")
-PIPO_HEADS = ("compressor", "mtp", "confidence_head")
 # Reference LoRA targets (DESIGN §1.7): attention and MLP projections, matched by suffix in the backbone and the MTP layer.
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# New PIPO modules trained in full next to the adapters (checkpoint keys `base_model.model.<name>`).
+# New PIPO modules trained in full next to the adapters (checkpoint keys `base_model.model.model.<name>`).
 DEFAULT_MODULES_TO_SAVE = [
     "compressor",
     "confidence_head",
@@ -42,7 +43,7 @@ def set_trainable(model: nn.Module, mode: str) -> dict[str, int]:
         elif mode == "full":
             param.requires_grad_(True)
         else:
-            param.requires_grad_(name.split(".", 1)[0] in PIPO_HEADS)
+            param.requires_grad_(any(name.startswith(f"model.{head}.") for head in PIPO_HEADS))
     return count_parameters(model)
 
 

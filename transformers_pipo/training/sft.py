@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..generation_pipo import commit_rate
 from .collator import IGNORE_INDEX, PAD_AUGMENTATIONS, IndexedDataset, PipoDataCollator
 from .launch import check_distributed_launch
 from .params import TRAIN_MODES, configure_trainable, count_parameters, lora_config
@@ -27,8 +28,14 @@ from .params import TRAIN_MODES, configure_trainable, count_parameters, lora_con
 class PipoTrainingMixinArguments:
     """Fields shared by [`PipoSFTConfig`] and [`PipoOPDConfig`]: loss weights, trainable groups, LoRA, data layout."""
 
-    mtp_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the MTP (token2) loss."})
-    confidence_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the confidence-head BCE."})
+    mtp_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the MTP (token2) loss, written to the model config (None: keep the config's)."},
+    )
+    confidence_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the confidence-head BCE, written to the model config (None: keep the config's)."},
+    )
     loss_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Tokens per LM-head chunk in the losses (None: the model config's loss_chunk_size)."},
@@ -82,8 +89,10 @@ class PipoTrainingMixinArguments:
             raise ValueError(f"pad_augmentation must be one of {PAD_AUGMENTATIONS}, got {self.pad_augmentation!r}.")
         if not 0.0 <= self.max_pad_ratio <= 1.0:
             raise ValueError(f"max_pad_ratio must lie in [0, 1], got {self.max_pad_ratio}.")
-        if self.mtp_loss_weight < 0 or self.confidence_loss_weight < 0:
-            raise ValueError("mtp_loss_weight and confidence_loss_weight must be >= 0.")
+        for name in ("mtp_loss_weight", "confidence_loss_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
 
@@ -112,6 +121,16 @@ class PipoSFTConfig(PipoTrainingMixinArguments, TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         self.validate_pipo_fields()
+
+
+def apply_loss_settings(model, args: PipoTrainingMixinArguments) -> None:
+    """Write the loss settings given in `args` (weights, chunk size) into the PIPO config, the one place the losses
+    read them from (and that a saved checkpoint records); fields left at None keep the config's values."""
+    config = pipo_base(model).config
+    for name in ("mtp_loss_weight", "confidence_loss_weight", "loss_chunk_size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
 
 
 def _check_pipo_model(model) -> None:
@@ -229,7 +248,7 @@ def measure_commit_rate(model, prompts: list[list[int]], pad_token_id: int, max_
             steps += int(out.decode_steps.sum())
     finally:
         model.train(was_training)
-    rate = committed / steps if steps else 0.0
+    rate = commit_rate(committed, steps)
     setting = f"greedy, τ={tau:g}" if tau is not None else "greedy, default τ"
     return rate, f"{setting}, {len(prompts)} prompts, up to {max_new_tokens} new tokens"
 
@@ -309,9 +328,6 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         peft_config: a custom peft config for `train_mode="lora"` (default: built from the `lora_*` fields).
     """
 
-    # Each loss is a per-micro-batch mean: Trainer must divide by the accumulation steps itself.
-    loss_is_scaled_for_ga = False
-
     def __init__(
         self,
         model=None,
@@ -328,8 +344,7 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         if not isinstance(args, PipoSFTConfig):
             raise TypeError(f"PipoSFTTrainer needs a PipoSFTConfig, got {type(args).__name__}.")
         model = load_pipo_model(model)
-        if args.loss_chunk_size is not None:
-            pipo_base(model).config.loss_chunk_size = args.loss_chunk_size
+        apply_loss_settings(model, args)
         args.remove_unused_columns = False
         if args.train_mode == "lora" and peft_config is None:
             peft_config = args.make_lora_config()
@@ -366,20 +381,29 @@ class PipoSFTTrainer(_ComponentLogging, Trainer):
         self.parameter_counts = count_parameters(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The model's own loss (`pipo_sft_loss`), normalised by `num_items_in_batch` like transformers' causal-LM
+        # losses, so gradient accumulation gives the update of one step over the whole accumulated batch.
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             labels=inputs["labels"],
             return_logits=False,
             use_cache=False,
+            num_items_in_batch=num_items_in_batch,
         )
-        args = self.args
-        loss = out.backbone_loss + args.mtp_loss_weight * out.mtp_loss + args.confidence_loss_weight * out.confidence_loss
+        loss = out.loss
+        scale = 1  # per-micro-batch share of the step's loss -> the step's value, for logging
+        if num_items_in_batch is not None:
+            if self.args.average_tokens_across_devices:
+                # Trainer's convention for token-averaged losses: DDP/FSDP average the ranks' gradients.
+                loss = loss * self.accelerator.num_processes
+                scale = self.accelerator.num_processes
+            scale *= getattr(self, "current_gradient_accumulation_steps", 1) or 1
         with torch.no_grad():
             stats = {
-                "backbone_loss": out.backbone_loss,
-                "mtp_loss": out.mtp_loss,
-                "confidence_loss": out.confidence_loss,
+                "backbone_loss": out.backbone_loss * scale,
+                "mtp_loss": out.mtp_loss * scale,
+                "confidence_loss": out.confidence_loss * scale,
             }
             labels = out.pair_labels
             if out.confidence_logits is not None:
@@ -426,6 +450,7 @@ def save_merged(model, output_dir: str, tokenizer=None):
 
 __all__ = [
     "PipoSFTConfig",
+    "apply_loss_settings",
     "PipoSFTTrainer",
     "save_merged",
     "load_pipo_model",
