@@ -50,7 +50,7 @@ class PipelineConfig:
     teacher_more_rounds: int = 0
     teacher_round2_offset: int = 100_000  # round 2 reads train problems from here on
     student_steps: int = 1800
-    student_data_start: int = 60_000
+    student_data_start: int = 20_000
     student_init_seed: int = 2
     base_batch_size: int = 32
     base_lr: float = 2e-3
