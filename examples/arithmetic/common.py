@@ -49,8 +49,13 @@ class PipelineConfig:
     teacher_more_lr: float = 1e-3  # × 0.7 per further round
     teacher_more_rounds: int = 0
     teacher_round2_offset: int = 100_000  # round 2 reads train problems from here on
-    student_steps: int = 1800
-    student_data_start: int = 20_000
+    student_steps: int = 1200
+    student_data_start: int = 60_000
+    # The base continued at a lower rate on problems nobody else reads (between the teacher's and the student's
+    # slices); its loss was still falling when the first schedule ended. 0 = no continuation.
+    student_more_steps: int = 150
+    student_more_lr: float = 5e-4
+    student_more_start: int = 20_000
     student_init_seed: int = 2
     base_batch_size: int = 32
     base_lr: float = 2e-3

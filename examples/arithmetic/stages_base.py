@@ -200,6 +200,15 @@ def stage_train_student(cfg: PipelineConfig) -> dict:
     return _train_base(cfg, "student_base", cfg.student, cfg.student_steps)
 
 
+def stage_train_student_more(cfg: PipelineConfig) -> dict:
+    """Continue the student base for `student_more_steps` at `student_more_lr` (a new warm-up + cosine) on problems
+    from `student_more_start` on, saved over models/student_base: one longer base training in two schedules."""
+    if cfg.student_more_steps <= 0:
+        return {"steps": 0, "seconds": 0}
+    return _train_base(cfg, "student_base", cfg.student, cfg.student_more_steps, resume=True,
+                       lr=cfg.student_more_lr, offset=cfg.student_more_start, absolute=True)
+
+
 def stage_train_student_matched(cfg: PipelineConfig) -> dict:
     """Control row for the training budget: the student base continued as an ordinary causal LM on exactly the
     records, batch size, step counts and learning-rate schedule of PIPO-SFT (`sft_steps` at `sft_lr`, then each of
