@@ -72,7 +72,7 @@ class PipelineConfig:
     sft_steps: int = 700
     sft_batch_size: int = 16
     sft_lr: float = 1e-3
-    sft_more_steps: tuple[int, ...] = (400, 800, 2500)  # continued PIPO-SFT runs (stage `sft_more`)
+    sft_more_steps: tuple[int, ...] = (400, 800, 2500, 2500)  # continued PIPO-SFT runs (stage `sft_more`)
     sft_more_lr: float = 7e-4
     mtp_only_steps: int = 150
     n_opd_prompts: int = 6400

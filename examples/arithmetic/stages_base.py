@@ -213,7 +213,11 @@ def stage_train_student_matched(cfg: PipelineConfig) -> dict:
     """Control row for the training budget: the student base continued as an ordinary causal LM on exactly the
     records, batch size, step counts and learning-rate schedule of PIPO-SFT (`sft_steps` at `sft_lr`, then each of
     `sft_more_steps` at `sft_more_lr`). PIPO-SFT trains the converted student much further than the base was trained;
-    this row says how much of PIPO's accuracy comes from that extra training rather than from the pair format."""
+    this row says how much of PIPO's accuracy comes from that extra training rather than from the pair format.
+    Finished runs are recorded in models/student_matched/rounds.json and skipped on a re-run (a longer
+    `sft_more_steps` only trains the new runs)."""
+    import json
+
     from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
 
     if not is_done(cfg, "train_student") or not is_done(cfg, "sample_teacher"):
@@ -221,10 +225,17 @@ def stage_train_student_matched(cfg: PipelineConfig) -> dict:
     tok = load_tokenizer(cfg)
     records = read_jsonl(cfg.path("data", "sft_teacher.jsonl"))
     encoded = [encode_example(tok, r["prompt"], r["response"]) for r in records]
-    model = AutoModelForCausalLM.from_pretrained(cfg.path("models", "student_base"))
+    out = cfg.path("models", "student_matched")
+    record = out / "rounds.json"
+    runs = json.loads(record.read_text()) if record.exists() else []
+    model = AutoModelForCausalLM.from_pretrained(out if runs else cfg.path("models", "student_base"))
     schedule = [(cfg.sft_steps, cfg.sft_lr)] + [(s, cfg.sft_more_lr) for s in cfg.sft_more_steps if s > 0]
-    start_time, runs = time.time(), []
+    if [(r["steps"], r["learning_rate"]) for r in runs] != schedule[: len(runs)]:
+        raise RuntimeError(f"{record} records other runs than the schedule {schedule}; remove models/student_matched")
+    start_time = time.time()
     for r, (steps, lr) in enumerate(schedule):
+        if r < len(runs):
+            continue
         torch.manual_seed(cfg.seed + 100 + r)
         n_examples = steps * cfg.sft_batch_size
         rows = [encoded[i % len(encoded)] for i in range(n_examples)]  # whole epochs over the SFT records
@@ -234,16 +245,16 @@ def stage_train_student_matched(cfg: PipelineConfig) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(batches),
                           data_collator=_FlattenCollator(CausalLMCollator(tok.pad_token_id)))
         result = trainer.train()
-        runs.append({"steps": steps, "learning_rate": lr, "train_loss": result.training_loss})
-    model.generation_config = GenerationConfig(
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-        do_sample=False,
-    )
-    out = cfg.path("models", "student_matched")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return {"runs": runs, "records": len(records), "steps": sum(x["steps"] for x in runs),
-            "seconds": round(time.time() - start_time, 1)}
+        runs.append({"steps": steps, "learning_rate": lr, "train_loss": result.training_loss,
+                     "seconds": round(time.time() - start_time, 1)})
+        model.generation_config = GenerationConfig(
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+        )
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        record.write_text(json.dumps(runs, indent=2))
+    return {"runs": runs, "records": len(records), "steps": sum(x["steps"] for x in runs)}
 
 
 def load_model(path):
