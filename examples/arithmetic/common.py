@@ -51,6 +51,11 @@ class PipelineConfig:
     teacher_round2_offset: int = 100_000  # round 2 reads train problems from here on
     student_steps: int = 1200
     student_data_start: int = 60_000
+    # The base continued at a lower rate on problems nobody else reads (between the teacher's and the student's
+    # slices); its loss was still falling when the first schedule ended. 0 = no continuation.
+    student_more_steps: int = 150
+    student_more_lr: float = 5e-4
+    student_more_start: int = 20_000
     student_init_seed: int = 2
     base_batch_size: int = 32
     base_lr: float = 2e-3
@@ -67,7 +72,7 @@ class PipelineConfig:
     sft_steps: int = 700
     sft_batch_size: int = 16
     sft_lr: float = 1e-3
-    sft_more_steps: tuple[int, ...] = (400, 800, 2500)  # continued PIPO-SFT runs (stage `sft_more`)
+    sft_more_steps: tuple[int, ...] = (400, 800, 2500, 2500)  # continued PIPO-SFT runs (stage `sft_more`)
     sft_more_lr: float = 7e-4
     mtp_only_steps: int = 150
     n_opd_prompts: int = 6400

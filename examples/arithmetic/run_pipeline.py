@@ -19,13 +19,14 @@ import time
 from .common import PipelineConfig, is_done, mark_done, quick_config, read_marker, set_threads
 
 STAGE_ORDER = [
-    "data", "tokenizer", "train_student", "train_teacher", "train_teacher_more", "sample_teacher",
-    "convert", "sft_mtp_only", "eval_base", "sft", "sft_more", "opd", "eval", "speed", "report", "export",
+    "data", "tokenizer", "train_student", "train_student_more", "train_teacher", "train_teacher_more", "sample_teacher",
+    "train_student_matched", "convert", "sft_mtp_only", "eval_base", "sft", "sft_more", "opd", "eval", "speed", "report", "export",
 ]
 
 
 def _stage_function(name: str):
-    if name in ("data", "tokenizer", "train_teacher", "train_teacher_more", "train_student", "sample_teacher"):
+    if name in ("data", "tokenizer", "train_teacher", "train_teacher_more", "train_student", "sample_teacher",
+                "train_student_more", "train_student_matched"):
         from . import stages_base as module
     elif name in ("convert", "sft_mtp_only", "sft", "sft_more", "opd"):
         from . import stages_pipo as module

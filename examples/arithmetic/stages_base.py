@@ -14,6 +14,7 @@ from .common import (
     PipelineConfig,
     decode_new,
     encode_example,
+    is_done,
     left_pad,
     read_jsonl,
     schedule_args,
@@ -197,6 +198,63 @@ def stage_train_teacher_more(cfg: PipelineConfig) -> dict:
 
 def stage_train_student(cfg: PipelineConfig) -> dict:
     return _train_base(cfg, "student_base", cfg.student, cfg.student_steps)
+
+
+def stage_train_student_more(cfg: PipelineConfig) -> dict:
+    """Continue the student base for `student_more_steps` at `student_more_lr` (a new warm-up + cosine) on problems
+    from `student_more_start` on, saved over models/student_base: one longer base training in two schedules."""
+    if cfg.student_more_steps <= 0:
+        return {"steps": 0, "seconds": 0}
+    return _train_base(cfg, "student_base", cfg.student, cfg.student_more_steps, resume=True,
+                       lr=cfg.student_more_lr, offset=cfg.student_more_start, absolute=True)
+
+
+def stage_train_student_matched(cfg: PipelineConfig) -> dict:
+    """Control row for the training budget: the student base continued as an ordinary causal LM on exactly the
+    records, batch size, step counts and learning-rate schedule of PIPO-SFT (`sft_steps` at `sft_lr`, then each of
+    `sft_more_steps` at `sft_more_lr`). PIPO-SFT trains the converted student much further than the base was trained;
+    this row says how much of PIPO's accuracy comes from that extra training rather than from the pair format.
+    Finished runs are recorded in models/student_matched/rounds.json and skipped on a re-run (a longer
+    `sft_more_steps` only trains the new runs)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
+
+    if not is_done(cfg, "train_student") or not is_done(cfg, "sample_teacher"):
+        raise RuntimeError("train_student_matched needs the train_student and sample_teacher stages first")
+    tok = load_tokenizer(cfg)
+    records = read_jsonl(cfg.path("data", "sft_teacher.jsonl"))
+    encoded = [encode_example(tok, r["prompt"], r["response"]) for r in records]
+    out = cfg.path("models", "student_matched")
+    record = out / "rounds.json"
+    runs = json.loads(record.read_text()) if record.exists() else []
+    model = AutoModelForCausalLM.from_pretrained(out if runs else cfg.path("models", "student_base"))
+    schedule = [(cfg.sft_steps, cfg.sft_lr)] + [(s, cfg.sft_more_lr) for s in cfg.sft_more_steps if s > 0]
+    if [(r["steps"], r["learning_rate"]) for r in runs] != schedule[: len(runs)]:
+        raise RuntimeError(f"{record} records other runs than the schedule {schedule}; remove models/student_matched")
+    start_time = time.time()
+    for r, (steps, lr) in enumerate(schedule):
+        if r < len(runs):
+            continue
+        torch.manual_seed(cfg.seed + 100 + r)
+        n_examples = steps * cfg.sft_batch_size
+        rows = [encoded[i % len(encoded)] for i in range(n_examples)]  # whole epochs over the SFT records
+        batches = length_bucketed_batches(rows, cfg.sft_batch_size, cfg.seed + r)
+        args = TrainingArguments(**schedule_args(cfg, f"student_matched{r}", steps),
+                                 per_device_train_batch_size=1, learning_rate=lr, weight_decay=0.0)
+        trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(batches),
+                          data_collator=_FlattenCollator(CausalLMCollator(tok.pad_token_id)))
+        result = trainer.train()
+        runs.append({"steps": steps, "learning_rate": lr, "train_loss": result.training_loss,
+                     "seconds": round(time.time() - start_time, 1)})
+        model.generation_config = GenerationConfig(
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+        )
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        record.write_text(json.dumps(runs, indent=2))
+    return {"runs": runs, "records": len(records), "steps": sum(x["steps"] for x in runs)}
 
 
 def load_model(path):

@@ -79,10 +79,15 @@ def test_intervals_pair_the_same_problems():
     base_greedy = [i % 2 == 0 for i in range(200)]
     better = [True if i < 20 else c for i, c in enumerate(base_greedy)]  # 10 odd problems flip to correct
     sampled = [[c] * 4 for c in base_greedy]
-    rows = {key: {"greedy_correct": base_greedy, "sampled_correct": sampled}
+    rows = {key: {"label": key, "greedy_correct": base_greedy, "sampled_correct": sampled}
             for key in ("student_regular", "pipo_sft", "mtp_unverified", "teacher")}
-    rows["pipo_sft_opd"] = {"greedy_correct": better, "sampled_correct": [[c] * 4 for c in better]}
+    rows["pipo_sft_opd"] = {"label": "opd", "greedy_correct": better, "sampled_correct": [[c] * 4 for c in better]}
+    assert "pipo_sft_opd_vs_student_matched" not in intervals({"rows": rows})["paired"]
+    # The budget-matched control: here it gets the same 10 problems right, so PIPO's advantage over it vanishes.
+    rows["student_matched"] = dict(rows["pipo_sft_opd"], label="matched")
     ci = intervals({"rows": rows})
+    vs_matched = ci["paired"]["pipo_sft_opd_vs_student_matched"]
+    assert vs_matched["greedy"] == {"mean": 0.0, "ci": (0.0, 0.0)} and "budget-matched" in vs_matched["label"]
     d = ci["paired"]["pipo_sft_opd"]["greedy"]
     assert d["mean"] == pytest.approx(5.0)
     own = ci["rows"]["pipo_sft_opd"]["greedy"]

@@ -21,13 +21,15 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     for stage in run_pipeline.STAGE_ORDER:
         assert (out / "markers" / f"{stage}.done.json").exists(), stage
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert set(results["rows"]) == {"student_regular", "mtp_unverified", "pipo_sft", "pipo_sft_opd", "teacher"}
+    assert set(results["rows"]) == {"student_regular", "student_matched", "mtp_unverified", "pipo_sft", "pipo_sft_opd",
+                                    "teacher"}
     for row in results["rows"].values():
         assert len(row["greedy_correct"]) == results["n_test"] and len(row["sampled_correct"][0]) == 4
     speed = json.loads((out / "eval" / "speed.json").read_text())
     assert set(speed) == {"eager"} and speed["eager"]["tpot_ratio"] > 0
     report = (out / "docs" / "RESULTS.md").read_text()
     assert "95% bootstrap interval" in report and "Paired differences" in report and "| eager |" in report
+    assert "budget-matched base |" in report
     assert (out / "docs" / "arithmetic_pareto.png").exists()
     assert (out / "assets" / "pipo_student" / "config.json").exists()
     assert not list((out / "assets").rglob("*.py"))  # exported package data ships no remote-code copies
