@@ -111,7 +111,7 @@ def quick_config(out: str) -> PipelineConfig:
         out=out, n_train=3000, n_val=40, n_test=40,
         teacher=ModelSize(64, 2, 4, 2, 128), student=ModelSize(32, 2, 4, 2, 64),
         teacher_steps=30, teacher_data_start=1500, student_data_start=0, teacher_more_steps=10, teacher_more_rounds=1,
-        teacher_round2_offset=2000, student_steps=20, n_sample_prompts=64,
+        teacher_round2_offset=2000, student_steps=20, student_more_steps=5, student_more_start=700, n_sample_prompts=64,
         sample_batch_size=32, min_sft_records=64, max_new_tokens=64,
         sft_steps=10, sft_more_steps=(3,), sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3,
         opd_batch_size=4,
