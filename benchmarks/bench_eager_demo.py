@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         for t in timing.values():
             t["tpot_ratio"] = base_tpot / t["tpot_ms"]
         results[mode] = timing
-    print(f"embedded arithmetic pair, batch 1 greedy, {len(problems)} problems x {args.reps} reps, "
+    print(f"\nembedded arithmetic pair, batch 1 greedy, {len(problems)} problems x {args.reps} reps, "
           f"{args.new_tokens} new tokens, shipped tau={tau:g}")
     print(f"{'mode':<16}{'row':<18}{'TPOT ms':>9}{'TPOT ratio':>12}{'TTFT ms':>9}")
     for mode, timing in results.items():
