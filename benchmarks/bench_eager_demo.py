@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="instead of timing: cProfile N eager generations of each side and print the top functions")
     p.add_argument("--top", type=int, default=25, help="rows of each profile")
+    p.add_argument("--sort", default="cumulative", choices=["cumulative", "tottime"], help="profile order")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -44,8 +45,8 @@ def _problems(n: int) -> list[Problem]:
     return [Problem(e, demo.evaluate(e)) for e in demo.held_out_problems()[:n]]
 
 
-def profile(pipo, base, tok, problems, tau: float, n: int, new_tokens: int, top: int) -> None:
-    """cProfile of `n` generations of regular decoding and of PIPO at τ, each printed by internal time."""
+def profile(pipo, base, tok, problems, tau: float, n: int, new_tokens: int, top: int, sort: str) -> None:
+    """cProfile of `n` generations of regular decoding and of PIPO at τ, each printed in `sort` order."""
     for label, model, t in (("regular", base, None), (f"pipo tau={tau}", pipo, tau)):
         _time_one(model, tok, problems[0].prompt, new_tokens, t)  # warm-up
         prof = cProfile.Profile()
@@ -54,7 +55,7 @@ def profile(pipo, base, tok, problems, tau: float, n: int, new_tokens: int, top:
             _time_one(model, tok, problems[i % len(problems)].prompt, new_tokens, t)
         prof.disable()
         out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+        pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(top)
         print(f"===== {label}: {n} generations =====")
         print(out.getvalue())
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     tau = float(pipo.generation_config.pipo_confidence_threshold)
     problems = _problems(args.problems)
     if args.profile:
-        profile(pipo, base, tok, problems, tau, args.profile, args.new_tokens, args.top)
+        profile(pipo, base, tok, problems, tau, args.profile, args.new_tokens, args.top, args.sort)
         return 0
     taus = [-1.0, tau, 1.0]
     entries = {"regular": (base, None), **{f"pipo tau={t:g}": (pipo, t) for t in taus}}
