@@ -164,6 +164,7 @@ class _PipoDecodeState:
         self.want_scores = bool(generation_config.output_scores)
         self.want_logits = bool(generation_config.output_logits)
         self.eos_vocab_mask = None  # [V] bool, built on first use (needs the vocabulary size)
+        self.pad_index = torch.tensor([self.pad], device=self.device)
 
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -176,9 +177,11 @@ class _PipoDecodeState:
         self.seq = _left_pad(rows, self.pad)
         self.prompt_rows = [torch.cat([r, r.new_full((1,), self.pad)]) if r.numel() % 2 else r for r in rows]
 
+        # One spare column each: a row writes at its current length, which never passes the budget (`generated`) or
+        # twice the budget (`slots`), so the spare column is never real and writes need no clamping.
         cap = 2 * (self.budget + 1)
         long = dict(dtype=torch.long, device=self.device)
-        self.generated = torch.full((self.batch, max(self.budget, 1)), self.out_pad, **long)
+        self.generated = torch.full((self.batch, self.budget + 1), self.out_pad, **long)
         self.gen_len = torch.zeros(self.batch, **long)
         self.slots = torch.full((self.batch, cap), self.pad, **long)
         self.slot_len = torch.zeros(self.batch, **long)
@@ -198,7 +201,7 @@ class _PipoDecodeState:
         """Phase-1 update: choose (or take the fused step's greedy `chosen`) and emit token1 for every unfinished row;
         remembers who may still draft."""
         active1 = ~self.finished
-        self.steps += active1.long()
+        self.steps += active1
         token1, scores1 = self._choose(raw1, chosen)
         self._emit(token1, active1, scores1, raw1)
         self._record_slot(token1, active1)
@@ -209,15 +212,18 @@ class _PipoDecodeState:
     def token2(self, raw2: torch.Tensor | None, confidence: torch.Tensor | None, tau: float) -> torch.LongTensor:
         """Phase-2 update: gate and emit the draft (or PAD when there is no draft: `raw2=None`); returns token2."""
         active2 = self.active2
-        token2 = torch.full_like(active2, self.pad, dtype=torch.long)
-        if raw2 is not None:
+        if raw2 is None:
+            token2 = torch.full_like(active2, self.pad, dtype=torch.long)
+        else:
             draft, scores2 = self._choose(raw2)
-            commit = torch.ones_like(active2) if tau < 0 else confidence >= tau
-            emitted2 = active2 & commit
-            self.conf_sum += torch.where(active2, confidence.float(), torch.zeros_like(confidence.float()))
-            self.conf_count += active2.long()
-            self.committed += emitted2.long()
-            token2 = torch.where(commit, draft, token2)
+            if tau < 0:
+                token2, emitted2 = draft, active2
+            else:
+                commit = confidence >= tau
+                token2, emitted2 = torch.where(commit, draft, self.pad), active2 & commit
+            self.conf_sum += torch.where(active2, confidence.float(), 0.0)
+            self.conf_count += active2
+            self.committed += emitted2
             self._emit(draft, emitted2, scores2, raw2)
             self._stream(draft, emitted2)
         self._record_slot(token2, active2)
@@ -233,8 +239,9 @@ class _PipoDecodeState:
 
     def _choose(self, raw_logits: torch.Tensor, chosen: torch.LongTensor | None = None):
         """Pick one token per row from raw LM-head logits with transformers' processors; PAD is never chosen."""
-        scores = raw_logits.float().clone()
-        scores[:, self.pad] = -math.inf
+        if self.pad_index.device != raw_logits.device:  # LM head on another device (device_map)
+            self.pad_index = self.pad_index.to(raw_logits.device)
+        scores = raw_logits.float().index_fill(1, self.pad_index, -math.inf)  # a copy: the raw logits stay intact
         if chosen is not None:  # the fused greedy step already took this argmax
             return chosen, scores
         if self.min_new > 0 and self.eos is not None:
@@ -255,10 +262,9 @@ class _PipoDecodeState:
         if self.want_scores or self.want_logits:
             # Copies: a CUDA-graph step reuses its output buffers on the next replay.
             self.events.append((self.gen_len.clone(), active.clone(), scores, raw_logits.clone()))
-        index = self.gen_len.clamp(max=self.generated.shape[1] - 1).unsqueeze(1)
-        current = self.generated.gather(1, index)
-        self.generated.scatter_(1, index, torch.where(active.unsqueeze(1), tokens.unsqueeze(1), current))
-        self.gen_len += active.long()
+        # Inactive rows rewrite their first free column with the output PAD it already holds.
+        self.generated.scatter_(1, self.gen_len.unsqueeze(1), torch.where(active, tokens, self.out_pad).unsqueeze(1))
+        self.gen_len += active
         stop = self.gen_len >= self.budget
         if self.eos is not None:
             stop |= torch.isin(tokens, self.eos)
@@ -275,10 +281,8 @@ class _PipoDecodeState:
         self.finished |= active & stop
 
     def _record_slot(self, tokens, active) -> None:
-        index = self.slot_len.clamp(max=self.slots.shape[1] - 1).unsqueeze(1)
-        current = self.slots.gather(1, index)
-        self.slots.scatter_(1, index, torch.where(active.unsqueeze(1), tokens.unsqueeze(1), current))
-        self.slot_len += active.long()
+        self.slots.scatter_(1, self.slot_len.unsqueeze(1), torch.where(active, tokens, self.pad).unsqueeze(1))
+        self.slot_len += active
 
     def _stream(self, tokens, emitted) -> None:
         """Hand a just-emitted token to the streamer (batch size 1) as soon as it exists."""

@@ -348,10 +348,8 @@ class PipoMTPHead(nn.Module):
         """
         if not self.uses_lean_step():
             return self.forward(token1_embeds, hidden, attention_mask, position_ids, cache=cache, use_cache=True)
-        from transformers.masking_utils import create_causal_mask
-
         u = self.fc(torch.cat([self.pre_fc_norm_embedding(token1_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
-        mask = create_causal_mask(config=self.body_config, inputs_embeds=u, attention_mask=attention_mask, cache=cache,
+        mask = decode_causal_mask(config=self.body_config, inputs_embeds=u, attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)
         position_embeddings = self.rotary_emb(u, position_ids)
         out = self.decoder_layer()(u, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
@@ -712,7 +710,15 @@ class PipoModel(PipoPreTrainedModel):
         **kwargs,
     ):
         """Backbone body over latents; returns the post-norm hidden states `h`, or the backbone's whole output
-        (per-layer states, attentions) with `return_output=True`. `kwargs` go to the backbone."""
+        (per-layer states, attentions) with `return_output=True`. `kwargs` go to the backbone.
+
+        A one-latent cached decode step of a standard rotary body goes through `lean_decode_step` (the same layers,
+        masks and rotary embedding, without the model-level wrappers; see `lean_body_plan`)."""
+        if (use_cache and cache is not None and latents.shape[1] == 1 and not return_output and not kwargs
+                and not torch.compiler.is_compiling()):
+            plan = lean_body_plan(self.backbone)
+            if plan is not None:
+                return lean_decode_step(self.backbone, plan, latents, attention_mask, position_ids, cache)
         out = self.backbone(
             inputs_embeds=latents,
             attention_mask=attention_mask,
@@ -1080,6 +1086,159 @@ def latent_positions(
         return (torch.arange(n_lat, device=device) + past).unsqueeze(0).expand(batch, -1)
     positions = pair_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -n_lat:]
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lean decode step of a standard decoder body (eager decoding: per-step Python overhead)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeanBodyPlan:
+    """How `lean_decode_step` steps a decoder body: its layer list's attribute name, how many layers run, and the
+    mask kind (`"full_attention"` / `"sliding_attention"`) each layer reads."""
+
+    layers_attr: str
+    num_layers: int
+    mask_kinds: tuple[str, ...]
+
+
+_LEAN_PLAN_KEY = "_pipo_lean_plan"  # cached on the body's __dict__: a LeanBodyPlan, or False when ineligible
+_LEAN_MASK_KINDS = ("full_attention", "sliding_attention")
+
+
+def lean_body_plan(body: nn.Module) -> LeanBodyPlan | None:
+    """The plan to step `body` directly, or None when its decode steps must take the full forward.
+
+    Eligible: bodies whose forward is `masks -> rotary embedding -> layers(position_embeddings=...) -> norm` (Llama,
+    Mistral, Qwen2/3, ...), with full or sliding-window attention layers. Recurrent/hybrid layers (Qwen3.5 linear
+    attention), learned positions (GPT-2) and anything else take the full forward. Structure alone cannot see
+    family-specific steps inside a forward (an embedding scale, say), so the plan is accepted only when a probe
+    (two cached decode steps of a deterministic input, in eval mode) gives bitwise the same hidden states and cache
+    as the body's own forward. Decided once per body and cached; a body in training mode is not planned (dropout).
+    """
+    cached = body.__dict__.get(_LEAN_PLAN_KEY)
+    if cached is not None:
+        return cached or None
+    if body.training:
+        return None
+    plan = _structural_plan(body)
+    if plan is not None and not _lean_matches_forward(body, plan):
+        plan = None
+    body.__dict__[_LEAN_PLAN_KEY] = plan if plan is not None else False
+    return plan
+
+
+def _structural_plan(body: nn.Module) -> LeanBodyPlan | None:
+    import inspect
+
+    config = getattr(body, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or not isinstance(getattr(body, "rotary_emb", None), nn.Module):
+        return None
+    if not isinstance(getattr(body, "norm", None), nn.Module):
+        return None
+    name = next((k for k, child in body.named_children() if isinstance(child, nn.ModuleList) and len(child) >= n),
+                None)
+    if name is None or n == 0:
+        return None
+    if "position_embeddings" not in inspect.signature(getattr(body, name)[0].forward).parameters:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        kinds = tuple(layer_types[:n])
+    else:  # Mistral-style configs: one kind for every layer, chosen by `sliding_window`
+        kinds = (("full_attention" if getattr(config, "sliding_window", None) is None else "sliding_attention"),) * n
+    if len(kinds) != n or any(kind not in _LEAN_MASK_KINDS for kind in kinds):
+        return None
+    return LeanBodyPlan(name, n, kinds)
+
+
+def lean_decode_step(
+    body: nn.Module,
+    plan: LeanBodyPlan,
+    latents: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor,
+    cache: Cache,
+) -> torch.Tensor:
+    """One cached decode step of `body` over `latents` `[B, q, H]`, calling its parts directly; returns the post-norm
+    hidden states, as `body(inputs_embeds=latents, ..., use_cache=True).last_hidden_state` does."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
+    makers = {"full_attention": decode_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {
+        kind: makers[kind](config=body.config, inputs_embeds=latents, attention_mask=attention_mask, cache=cache,
+                           position_ids=position_ids)
+        for kind in dict.fromkeys(plan.mask_kinds)
+    }
+    position_embeddings = body.rotary_emb(latents, position_ids)
+    hidden = latents
+    for layer, kind in zip(getattr(body, plan.layers_attr)[: plan.num_layers], plan.mask_kinds):
+        hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
+                       position_ids=position_ids, cache=cache, use_cache=True)
+    return body.norm(hidden)
+
+
+# (attention implementation, is_causal) -> True once `create_causal_mask` returned None for one unpadded query on a
+# dynamic cache: that mask is "attend to every cached key" at every step, which such an implementation (sdpa, flash)
+# leaves to the kernel, so later steps need not rebuild it.
+_NULL_DECODE_MASK: dict[tuple, bool] = {}
+
+
+def decode_causal_mask(
+    config,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache,
+    position_ids: torch.LongTensor,
+) -> torch.Tensor | None:
+    """`create_causal_mask` of a cached decode step (full attention), remembering per attention implementation when
+    the unpadded one-query mask is None (see `_NULL_DECODE_MASK`). Padded batches, several queries and compileable
+    (static) caches, and tracing, always build the mask."""
+    from transformers.masking_utils import create_causal_mask
+
+    plain = (attention_mask is None and inputs_embeds.shape[1] == 1 and not getattr(cache, "is_compileable", False)
+             and not torch.compiler.is_compiling())
+    key = (config._attn_implementation, getattr(config, "is_causal", True))
+    if plain and _NULL_DECODE_MASK.get(key, False):
+        return None
+    mask = create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                              position_ids=position_ids)
+    if plain and mask is None:
+        _NULL_DECODE_MASK[key] = True
+    return mask
+
+
+def _lean_matches_forward(body: nn.Module, plan: LeanBodyPlan, prompt: int = 5, steps: int = 2) -> bool:
+    """Whether `lean_decode_step` equals the body's forward bitwise (hidden states and cache) on a probe: a cached
+    prompt, then `steps` one-position steps. The input is deterministic (no random generator is drawn)."""
+    embedding = body.get_input_embeddings()
+    weight = getattr(embedding, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        return False
+    hidden = weight.shape[-1]
+    total = prompt + steps
+    with torch.no_grad():
+        probe = torch.sin(torch.arange(total * hidden, device=weight.device, dtype=torch.float32) * 0.37)
+        probe = probe.reshape(1, total, hidden).to(weight.dtype)
+        positions = torch.arange(total, device=weight.device).unsqueeze(0)
+        caches = [DynamicCache(config=body.config), DynamicCache(config=body.config)]
+        for cache in caches:
+            body(inputs_embeds=probe[:, :prompt], position_ids=positions[:, :prompt], cache=cache, use_cache=True)
+        for t in range(prompt, total):
+            ref = body(inputs_embeds=probe[:, t:t + 1], position_ids=positions[:, t:t + 1], cache=caches[0],
+                       use_cache=True).last_hidden_state
+            lean = lean_decode_step(body, plan, probe[:, t:t + 1], None, positions[:, t:t + 1], caches[1])
+            if not torch.equal(ref, lean):
+                return False
+        for ref_layer, lean_layer in zip(caches[0].layers, caches[1].layers):
+            for attr in ("keys", "values"):
+                a, b = getattr(ref_layer, attr, None), getattr(lean_layer, attr, None)
+                if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                    return False
+    return True
 
 
 __all__ = [
