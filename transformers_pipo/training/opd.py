@@ -312,8 +312,11 @@ class PipoOPDTrainer(_ComponentLogging, Trainer):
                 peft_config = args.make_lora_config()
             if not hasattr(model, "peft_config"):
                 prepare_lora_base(model, args.output_dir, processing_class, args.should_save)
+        from transformers import set_seed
+
         from .params import configure_trainable
 
+        set_seed(args.seed)  # peft draws the adapter init: reproducible from the config's seed
         model = configure_trainable(model, args.train_mode, peft_config)
         if args.disable_dropout:
             for module in model.modules():
