@@ -10,6 +10,7 @@ from transformers import StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
 from conftest import EOS_ID, PAD_ID, tiny_pipo
+from pipo_oracle import wiring_sensitive_pipo
 from transformers_pipo import generation_pipo
 
 SYNC_METHODS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero")
@@ -108,8 +109,9 @@ def _left_padded_batch():
 @pytest.mark.parametrize("tau", [-1.0, 0.5, 1.0])
 def test_static_cache_matches_dynamic(family, tau):
     """Static caches give the eager dynamic path's tokens, raw slots and statistics (left-padded batch of 8 and a
-    single row); Qwen3.5's linear-attention layers fall back to a dynamic cache."""
-    model = tiny_pipo(family)
+    single row); Qwen3.5's linear-attention layers fall back to a dynamic cache. The model is the oracle tests'
+    wiring-sensitive one, so a wiring difference between the paths shows in the tokens."""
+    model = wiring_sensitive_pipo(family)
     ids, mask = _left_padded_batch()
     for inputs in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[4:5, -5:]}):
         kwargs = dict(max_new_tokens=9, do_sample=False, eos_token_id=EOS_ID, pipo_confidence_threshold=tau,

@@ -1,5 +1,5 @@
 """LoRA through peft: adapter save -> reload -> identical generation, merge_and_unload -> identical generation, and a
-LoRA OPD step (peft wrapping done by trl's SFTTrainer path)."""
+LoRA OPD step (peft wrapping by the trainer, as in SFT)."""
 
 from __future__ import annotations
 

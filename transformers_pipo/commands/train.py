@@ -60,7 +60,7 @@ class PipoTrainScriptArguments:
 
 @dataclass
 class PipoSFTScriptArguments(PipoTrainScriptArguments):
-    """`pipo train sft` locations plus the PAD choice of --from_backbone (OPD's trl config owns `--pad_token`)."""
+    """`pipo train sft` locations plus the PAD choice of --from_backbone."""
 
     pad_token_id: int | None = field(
         default=None,
@@ -76,8 +76,9 @@ class PipoSFTScriptArguments(PipoTrainScriptArguments):
 
 
 @dataclass
-class PipoOPDScriptArguments(PipoTrainScriptArguments):
-    """`pipo train opd` locations: the training script arguments plus the teacher."""
+class PipoOPDScriptArguments(PipoSFTScriptArguments):
+    """`pipo train opd` locations: the SFT script arguments (PAD choice of --from_backbone included) plus the
+    teacher."""
 
     teacher: str | None = field(
         default=None,
@@ -120,17 +121,12 @@ def _accelerate_config(rest: list[str]) -> int:
 
 
 def _pipo_fields(script_cls, config_cls) -> tuple[set[str], set[str]]:
-    """(data/model flags, PIPO training flags): the fields that are not plain TrainingArguments/GKDConfig ones."""
+    """(data/model flags, PIPO training flags): the fields that are not plain TrainingArguments ones."""
     from dataclasses import fields
 
     from transformers import TrainingArguments
 
-    base = TrainingArguments
-    if config_cls.__name__ == "PipoOPDConfig":
-        from trl.experimental.gkd import GKDConfig
-
-        base = GKDConfig
-    inherited = {f.name for f in fields(base)}
+    inherited = {f.name for f in fields(TrainingArguments)}
     return {f.name for f in fields(script_cls)}, {f.name for f in fields(config_cls)} - inherited
 
 
@@ -162,7 +158,7 @@ def build_train_parser(command: str):
     groups = {
         "script": parser.add_argument_group("data and model"),
         "pipo": parser.add_argument_group("PIPO training"),
-        "rest": parser.add_argument_group("Trainer" + (" / trl GKD" if command == "opd" else "") + " options"),
+        "rest": parser.add_argument_group("Trainer options"),
     }
     for action in list(parser._optionals._group_actions):
         if action.dest in ("help", "config"):

@@ -1,4 +1,4 @@
-"""PIPO on-policy distillation (DESIGN §2.5), built on trl's `GKDTrainer`.
+"""PIPO on-policy distillation (DESIGN §2.5) on `transformers.Trainer`.
 
 Each step (with probability `lmbda`, 1.0 by default) the student rolls out in PIPO mode (`model.generate`, batched,
 sampling, confidence threshold τ), the rollout is laid out exactly as the model saw it (parity-aligned prompt +
@@ -12,21 +12,24 @@ raw slots, PADs included), and:
 - the confidence head regresses α = min(1, p_t(y)/p_s(y)) (1 − TV for `full`), detached; MTP labels at PAD slots
   can be filled from the student (DESIGN §2.5e).
 
-What is reused from `GKDTrainer`: teacher loading/preparation (`teacher_model_init_kwargs`, accelerate/DeepSpeed
-placement, the shared-vocabulary check), the `lmbda` on-policy switch and `seq_kd`, model unwrapping for
-generation, dropout disabling, peft wrapping, and its config fields (`lmbda`, `beta`, `temperature`,
-`max_new_tokens`). What is replaced: the rollout → batch conversion (`generate_on_policy_outputs`) and the loss
-(`compute_loss`), because GKD's loss compares one next-token distribution per position of one shared sequence,
-while PIPO has two prediction heads per latent and a teacher that must not see PADs.
+The trainer is a plain `Trainer` subclass: `training_step` swaps the batch for a rollout before the ordinary step,
+`compute_loss` is the OPD loss. The knobs that on-policy distillation trainers share keep their usual names and
+meaning (`lmbda`, `beta`, `temperature`, `max_new_tokens`, `seq_kd`, `teacher_model_name_or_path`,
+`teacher_model_init_kwargs`, `disable_dropout`), so configs written for trl's GKD trainer carry over. From trl only
+two public helpers are used, both for DeepSpeed: `prepare_deepspeed` (teacher placement) and
+`unwrap_model_for_generation` (ZeRO-3 rollouts on gathered weights).
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
+import json
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from transformers import Trainer, TrainingArguments
 
 from .collator import IGNORE_INDEX, PipoDataCollator
 from .launch import check_distributed_launch
@@ -40,21 +43,16 @@ from .sft import (
     prepare_lora_base,
 )
 
-with warnings.catch_warnings():
-    # trl announces its experimental namespace with a warning on import; the GKD API used here is pinned by tests.
-    warnings.simplefilter("ignore")
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-from trl.models.utils import _ForwardRedirection
-
 
 @dataclass
-class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
-    """`GKDConfig` (so `SFTConfig`/`TrainingArguments`) plus PIPO OPD knobs.
+class PipoOPDConfig(PipoTrainingMixinArguments, TrainingArguments):
+    """`TrainingArguments` plus the PIPO OPD knobs.
 
     Defaults follow DESIGN §2.5: fully on-policy (`lmbda=1`), reverse KL (`beta=1`), rollout temperature 1.0,
     rollout confidence threshold τ = 0.95, `topk` divergence with K = 32, PAD labels filled. Rollouts sample from the
     full distribution (`top_k=0`, `top_p=1.0`); the reference used 20 / 0.95 (with truncation the `sampled`
-    estimator is no longer exactly unbiased for the untruncated KL).
+    estimator is no longer exactly unbiased for the untruncated KL). `learning_rate` (2e-5) and `logging_steps` (10)
+    default as in trl's trainers; `remove_unused_columns` is False because the collator reads the raw prompt fields.
     """
 
     divergence: str = field(
@@ -72,29 +70,41 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
         default=0.95,
         metadata={"help": "Rollout confidence threshold τ: <0 commits every draft, >=1 never drafts (always PAD)."},
     )
+    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
     top_k: int = field(default=0, metadata={"help": "Rollout sampling top-k (0 = off)."})
     top_p: float = field(default=1.0, metadata={"help": "Rollout sampling top-p (1.0 = off)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Maximum new tokens per rollout."})
     fill_pad_labels: bool = field(
         default=True,
         metadata={"help": "Supervise the MTP and confidence head at PAD draft slots with a label drawn from the "
                   "student (argmax; a sample for divergence='sampled')."},
     )
-    # GKD/SFT defaults that do not suit PIPO OPD.
-    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
     lmbda: float = field(default=1.0, metadata={"help": "Probability of an on-policy (student rollout) step."})
     beta: float = field(
         default=1.0, metadata={"help": "Generalised JSD interpolation: 1 = reverse KL (default), 0 = forward KL."}
     )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "On off-policy steps (probability 1 - lmbda), train on the teacher's own generations "
+                  "(sequence-level KD) instead of the dataset responses."},
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher path or Hub id when the trainer is given none."}
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments (a dict, or JSON on the command line) for "
+                  "AutoModelForCausalLM.from_pretrained when the teacher is given by name, e.g. '{\"dtype\": "
+                  "\"bfloat16\"}'."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom code when loading the teacher by name."}
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout of the student (LoRA dropout included) to 0."}
+    )
     max_pad_ratio: float = field(
         default=0.0, metadata={"help": "PAD augmentation of dataset responses (only used when lmbda < 1)."}
-    )
-    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
-    # trl defaults gradient checkpointing on; here it is off unless asked for (`--activation_checkpointing`).
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
-    )
-    activation_checkpointing: bool | None = field(
-        default=False, metadata={"help": "Activation (gradient) checkpointing of the student."}
     )
     max_length: int | None = field(
         default=None, metadata={"help": "Right-truncate dataset rows (off-policy steps only) to this many tokens."}
@@ -105,14 +115,34 @@ class PipoOPDConfig(PipoTrainingMixinArguments, GKDConfig):
                   "instead of keeping a full replica on every rank. Under DeepSpeed the stage decides (ZeRO-3 "
                   "partitions the teacher, ZeRO-2 replicates it)."},
     )
+    # TrainingArguments fields whose defaults differ here.
+    learning_rate: float = field(default=2e-5, metadata={"help": "The initial learning rate for the optimizer."})
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every X update steps (an integer, or a float in (0, 1): ratio of steps)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: PipoDataCollator reads the prompt fields."}
+    )
 
     def __post_init__(self):
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"teacher_model_init_kwargs must be a JSON object, got {self.teacher_model_init_kwargs!r}"
+                                 f" ({err.msg}).") from None
+            if not isinstance(self.teacher_model_init_kwargs, dict):
+                raise ValueError("teacher_model_init_kwargs must be a JSON object (a mapping of keyword arguments).")
         super().__post_init__()
         self.validate_pipo_fields()
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}.")
         if self.divergence == "sampled" and self.beta != 1.0:
             raise ValueError("divergence='sampled' estimates the reverse KL only; set beta=1.0.")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {self.beta}.")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda must lie in [0, 1], got {self.lmbda}.")
         if self.divergence_topk <= 0:
             raise ValueError(f"divergence_topk must be positive, got {self.divergence_topk}.")
         if self.divergence_temperature <= 0 or self.temperature <= 0:
@@ -196,12 +226,40 @@ def _default_rollout(model, input_ids, **kwargs):
     return model.generate(input_ids, **kwargs)
 
 
+def call_through_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, fn, *args):
+    """`fn(*args)`, run as the forward of `module` by calling `wrapper` (DDP, FSDP or DeepSpeed around `module`; or
+    `module` itself when FSDP2 shards it in place).
+
+    Whatever the wrapper does around a forward (DDP's gradient-sync bookkeeping, FSDP's parameter gathering and
+    resharding, DeepSpeed's ZeRO-3 fetches) then covers the whole computation in `fn`, which may call `module`'s
+    real forward and other modules (the teacher) on the way.
+    """
+    patched = "forward" in module.__dict__
+    original = module.__dict__.get("forward")
+
+    def restore():
+        if patched:
+            module.forward = original
+        else:
+            module.__dict__.pop("forward", None)
+
+    def redirected(*inner_args):
+        restore()  # `fn` may call the module's real forward
+        return fn(*inner_args)
+
+    module.forward = redirected
+    try:
+        return wrapper(*args)
+    finally:
+        restore()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
+class PipoOPDTrainer(_ComponentLogging, Trainer):
     """On-policy distillation of a PIPO student from a frozen causal-LM teacher (see the module docstring).
 
     Logs (per logging window): `loss`, `backbone_loss` / `mtp_loss` (divergences as optimised), `confidence_loss`,
@@ -222,8 +280,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             for an external rollout engine.
     """
 
-    _tag_names = ["trl", "gkd", "pipo"]
-    _name = "PIPO-OPD"
+    # `opd_loss` is a per-micro-batch mean: Trainer divides by the accumulation steps itself.
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -250,6 +307,9 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             raise ValueError("PipoOPDTrainer needs a teacher_model (object or path), or teacher_model_name_or_path.")
         if not isinstance(teacher_model, str) and getattr(teacher_model.config, "model_type", None) == "pipo":
             raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model (it scores PAD-free text).")
+        if args.teacher_model_init_kwargs and not isinstance(teacher_model, str):
+            raise ValueError("teacher_model_init_kwargs only apply to a teacher given by name; this one is already "
+                             "instantiated.")
         model = load_pipo_model(model)
         apply_loss_settings(model, args)  # weights and chunk size live in the model config
         pad = pipo_base(model).config.pad_token_id
@@ -258,11 +318,16 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
                 peft_config = args.make_lora_config()
             if not hasattr(model, "peft_config"):
                 prepare_lora_base(model, args.output_dir, processing_class, args.should_save)
-        else:
-            from .params import configure_trainable
+        from transformers import set_seed
 
-            model = configure_trainable(model, args.train_mode, peft_config)
-            peft_config = None
+        from .params import configure_trainable
+
+        set_seed(args.seed)  # peft draws the adapter init: reproducible from the config's seed
+        model = configure_trainable(model, args.train_mode, peft_config)
+        if args.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         if data_collator is None:
             data_collator = PipoDataCollator(
                 tokenizer=processing_class,
@@ -275,56 +340,45 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
                 require_response=args.lmbda < 1.0 and not args.seq_kd,
                 return_prompts=True,
             )
-        train_dataset = _as_dataset(train_dataset)
-        eval_dataset = _as_dataset(eval_dataset)
-        # GKDTrainer advises moving lmbda=1/temperature=1 runs to DistillationTrainer; that advice is about its own
-        # token-level loss, which this trainer replaces, so keep it out of PIPO logs.
-        gkd_logger = logging.getLogger("trl.experimental.gkd.gkd_trainer")
-        level = gkd_logger.level
-        gkd_logger.setLevel(logging.ERROR)
         if isinstance(teacher_model, str):
             teacher_model = _load_teacher(teacher_model, args)
-        # trl insists on equal vocab sizes; PIPO also accepts a teacher whose vocabulary is a prefix of the student's
-        # (checked here), so trl's check runs against the student's size and the original is restored afterwards.
         check_teacher_vocabulary(pipo_base(model), teacher_model, processing_class)
-        teacher_text = teacher_model.config.get_text_config()
-        teacher_vocab = teacher_text.vocab_size
-        teacher_text.vocab_size = pipo_base(model).config.get_text_config().vocab_size
-        try:
-            super().__init__(
-                model=model,
-                teacher_model=teacher_model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                peft_config=peft_config,
-            )
-        finally:
-            gkd_logger.setLevel(level)
-            teacher_text.vocab_size = teacher_vocab
+        args.remove_unused_columns = False
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=_as_dataset(train_dataset),
+            eval_dataset=_as_dataset(eval_dataset),
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
         check_distributed_launch(self.accelerator)
-        if args.shard_teacher:
-            if not getattr(self.accelerator, "is_fsdp2", False):
-                raise ValueError("shard_teacher=True needs an FSDP2 launch (e.g. the `fsdp` accelerate config).")
-            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-            # The teacher only runs forward under no_grad: each unit gathers its shard in its own forward hook.
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            self.teacher_model = fsdp2_prepare_model(self.accelerator, teacher)
-        if getattr(self.accelerator.unwrap_model(self.teacher_model).config, "model_type", None) == "pipo":
-            raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model.")
+        self.teacher_model = self._prepare_teacher(teacher_model)
         for param in self.teacher_model.parameters():
             param.requires_grad_(False)
         self.pad_token_id = pad
         self.rollout_fn = rollout_fn or _default_rollout
-        self._forward_redirection = _ForwardRedirection()
         self._init_components()
         self._evaluating = False
-        self.generation_kwargs = self.rollout_kwargs()
+
+    def _prepare_teacher(self, teacher):
+        """Place the frozen teacher like the student: a replica on every rank (DDP, FSDP2 without `shard_teacher`,
+        ZeRO-2), partitioned under ZeRO-3, or sharded by FSDP2 with `shard_teacher`."""
+        if self.args.shard_teacher and not getattr(self.accelerator, "is_fsdp2", False):
+            raise ValueError("shard_teacher=True needs an FSDP2 launch (e.g. the `fsdp` accelerate config).")
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            return prepare_deepspeed(teacher, self.accelerator)
+        teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)  # on the device, unwrapped
+        if self.args.shard_teacher:
+            from accelerate.utils import fsdp2_prepare_model
+
+            # The teacher only runs forward under no_grad: each unit gathers its shard in its own forward hook.
+            teacher = fsdp2_prepare_model(self.accelerator, teacher)
+        return teacher
 
     # -- rollout ----------------------------------------------------------------------------------------------------
 
@@ -339,12 +393,39 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             "pad_token_id": self.pad_token_id,
         }
 
-    def generate_on_policy_outputs(self, model, inputs, generation_config=None, pad_token_id=None):
+    @contextmanager
+    def _generation_model(self, model):
+        """The bare model for `generate`; under ZeRO-3 with its partitioned weights gathered for the rollout."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+            from trl.models import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
+                yield unwrapped
+        else:
+            yield self.accelerator.unwrap_model(model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With probability `lmbda` replace the batch by a student rollout (else, with `seq_kd`, by teacher
+        generations; else keep the dataset rows), then take an ordinary `Trainer` step on it."""
+        if random.random() <= self.args.lmbda:
+            with self._generation_model(model) as student:
+                rows = self.generate_on_policy_outputs(student, inputs)
+        elif self.args.seq_kd:
+            with self._generation_model(self.teacher_model) as teacher:
+                rows = self.generate_on_policy_outputs(teacher, inputs)
+        else:
+            rows = None
+        if rows is not None:
+            inputs = {**inputs, "input_ids": rows[0], "attention_mask": rows[1], "labels": rows[2]}
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def generate_on_policy_outputs(self, model, inputs):
         """Roll out from `inputs["prompts"]` and return `(input_ids, attention_mask, labels)` PIPO rows.
 
         A PIPO model (the student) rolls out in PIPO mode with τ = `pipo_confidence_threshold`; a plain causal LM
         (the teacher, for `seq_kd`) generates ordinarily and its text is laid out with the parity rules. Sampling
-        settings come from the config (`generation_config`/`pad_token_id`, passed by GKD, are not used).
+        settings come from the config.
         """
         if "prompts" not in inputs:
             raise ValueError("on-policy steps need 'prompts' in the batch (PipoDataCollator(return_prompts=True)).")
@@ -394,7 +475,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
             raise ValueError("PipoOPDTrainer.compute_loss needs rollout rows (input_ids, attention_mask, labels).")
         unwrapped = self.accelerator.unwrap_model(model)
         # Through the wrapper's forward, so DDP/FSDP/DeepSpeed see the whole student computation.
-        loss, stats = self._forward_redirection(model, unwrapped, self._opd_loss, unwrapped, inputs)
+        loss, stats = call_through_wrapper(model, unwrapped, self._opd_loss, unwrapped, inputs)
         self._record(stats, mode="eval" if self._evaluating else "train")
         return (loss, None) if return_outputs else loss
 
@@ -403,7 +484,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
 
         if isinstance(self.teacher_model, FSDPModule):
             # A sharded teacher runs inside its own root forward, so FSDP initialises and gathers it as one tree.
-            return self._forward_redirection(
+            return call_through_wrapper(
                 self.teacher_model, self.teacher_model, self._opd_loss_with_teacher, student, inputs
             )
         return self._opd_loss_with_teacher(student, inputs)
@@ -441,7 +522,8 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation = one on-policy rollout per batch + the OPD loss on it."""
-        inputs = self._prepare_inputs(inputs)
+        device = self.accelerator.device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         unwrapped = self.accelerator.unwrap_model(model)
         self._evaluating = True
         try:
@@ -454,7 +536,7 @@ class PipoOPDTrainer(_ComponentLogging, GKDTrainer):
 
 
 def _load_teacher(name: str, args: PipoOPDConfig):
-    """Load a teacher given by path/Hub id the way `GKDTrainer` would (`teacher_model_init_kwargs`)."""
+    """Load a teacher given by path/Hub id with `teacher_model_init_kwargs` (a `dtype` may be named by string)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(args.teacher_model_init_kwargs or {})
@@ -462,7 +544,6 @@ def _load_teacher(name: str, args: PipoOPDConfig):
     if isinstance(dtype, str) and dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    args.teacher_model_init_kwargs = None  # consumed here (GKDTrainer refuses them with an instantiated teacher)
     teacher = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if getattr(teacher.config, "model_type", None) == "pipo":
         raise ValueError("the teacher must be an ordinary causal LM, not a PIPO model (it scores PAD-free text).")
