@@ -30,6 +30,10 @@ def speculative_config() -> dict:
         "num_speculative_tokens": 1,
         "rejection_sample_method": "synthetic",
         "synthetic_acceptance_rates": [1.0],
+        # The padded drafter batch feeds a partial prefill chunk's last row the request's last prompt token instead
+        # of the token after the chunk (`prepare_next_token_ids_padded`), which would corrupt the MTP cache of
+        # chunked prompts; the unpadded path takes the right one (`prepare_next_token_ids_cpu`).
+        "disable_padded_drafter_batch": True,
     }
 
 
