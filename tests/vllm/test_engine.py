@@ -25,7 +25,7 @@ MAX_NEW = 24
 def _engine(folder: str, **kwargs):
     from vllm import LLM
 
-    kwargs = {"max_num_seqs": 8, **kwargs}
+    kwargs = {"max_num_seqs": 8, "kv_cache_memory_bytes": 1 << 28, **kwargs}
     return LLM(model=folder, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=256,
                seed=0, **kwargs)
 
