@@ -206,6 +206,13 @@ class PipoForCausalLMVllm(nn.Module):
 
         config = vllm_config.model_config.hf_config
         check_supported(config)
+        if vllm_config.use_v2_model_runner:
+            raise NotImplementedError("PIPO serving runs on vLLM's V1 model runner (its drafter gate hooks the V1 "
+                                      "proposer); unset VLLM_USE_V2_MODEL_RUNNER.")
+        spec = vllm_config.speculative_config
+        if spec is None or spec.num_speculative_tokens != 1 or spec.method != "mtp":
+            raise ValueError("A PIPO checkpoint is served with its MTP drafter: speculative_config must be "
+                             "transformers_pipo.serving.vllm.speculative_config() (set automatically when unset).")
         backbone = config.get_text_config()
         self.config = config
         self.backbone_type = backbone.model_type

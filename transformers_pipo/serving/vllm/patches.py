@@ -14,6 +14,8 @@ and otherwise calls the original. They are listed in docs/SERVING.md with the up
    synthetic mode (on GPU the Triton kernels support it and are left alone).
 7. ``SpecDecodeBaseProposer.__init__`` / ``_sample_draft_tokens``: the drafter's token is gated by the confidence
    head (`sigmoid(conf) >= tau`, else PAD) with the request's tau.
+8. ``VllmConfig._get_v2_model_runner_unsupported_features``: PIPO stays on the V1 model runner, whose proposer
+   hook 7 gates (Model Runner V2 has its own speculators).
 """
 
 from __future__ import annotations
@@ -298,6 +300,24 @@ def _batch_tau(proposer, rows: int, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+# -- 8. V1 model runner -----------------------------------------------------------------------------------------------
+
+
+def _patch_runner_choice():
+    from vllm.config.vllm import VllmConfig
+
+    original = VllmConfig._get_v2_model_runner_unsupported_features
+
+    @functools.wraps(original)
+    def _get_v2_model_runner_unsupported_features(self):
+        unsupported = original(self)
+        if pipo_pad_id(self) is not None:
+            unsupported.append("PIPO checkpoints (the confidence gate hooks the V1 proposer)")
+        return unsupported
+
+    VllmConfig._get_v2_model_runner_unsupported_features = _get_v2_model_runner_unsupported_features
+
+
 def install() -> None:
     """Install every hook once per process."""
     global _INSTALLED
@@ -309,4 +329,5 @@ def install() -> None:
     _patch_scheduler()
     _patch_rejection_sampler()
     _patch_proposer()
+    _patch_runner_choice()
     _INSTALLED = True
