@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm")
+# `vllm.sampling_params`, not `vllm`: this folder (tests/vllm) is itself importable as a namespace package "vllm".
+pytest.importorskip("vllm.sampling_params")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import EOS_ID, PAD_ID, build_pipo, save  # noqa: E402

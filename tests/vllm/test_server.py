@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.sampling_params")  # not "vllm": this folder is a namespace package of that name
 
 sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import build_pipo, save  # noqa: E402
