@@ -159,3 +159,70 @@ def test_accept_all_output_layout():
     drafts = torch.tensor([7, 9])
     out = accept_all(drafts, [1, 0, 1], 1, torch.tensor([1, 1, 2]), torch.tensor([[3], [4], [5]]))
     assert out.tolist() == [[7, 3], [4, -1], [9, 5]]
+
+
+def _tv(samples: list[int], probs: torch.Tensor) -> float:
+    counts = torch.bincount(torch.tensor(samples), minlength=probs.numel()).float()
+    return 0.5 * float((counts / counts.sum() - probs).abs().sum())
+
+
+def test_seeded_sampling_agrees_in_distribution(qwen3):
+    """Temperature-1 sampling: token1 (prefill) and the committed token2 (τ<0) follow `generate`'s distributions, and
+    a fixed seed reproduces a request. (top-k/top-p/penalties apply to token1 only: docs/SERVING.md §4.)"""
+    from vllm import SamplingParams
+
+    model, llm = qwen3
+    prompt, n = PROMPTS[1], 1200
+    params = [SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True, seed=i,
+                             extra_args={"pipo_confidence_threshold": -1.0}) for i in range(n)]
+    outs = llm.generate([{"prompt_token_ids": prompt}] * n, params, use_tqdm=False)
+    pairs = [list(o.outputs[0].token_ids) for o in outs]
+    assert all(len(p) == 2 for p in pairs)
+    again = llm.generate([{"prompt_token_ids": prompt}] * 3, params[:3], use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in again] == pairs[:3]  # seeded
+
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        positions = torch.arange(len(prompt) // 2).unsqueeze(0)
+        hidden = model.run_backbone(model.embed_pairs(ids), None, positions)
+        logits1 = model.lm_head(hidden[:, -1])[0].float()
+        logits1[PAD_ID] = -float("inf")
+        p1 = torch.softmax(logits1, -1)
+        first = [p[0] for p in pairs]
+        top = max(set(first), key=first.count)
+        tokens_in = torch.cat([ids[:, 2::2], torch.tensor([[top]])], dim=1)
+        m = model.run_mtp(tokens_in, hidden, None, positions)
+        logits2 = model.lm_head(m[:, -1])[0].float()
+        logits2[PAD_ID] = -float("inf")
+        p2 = torch.softmax(logits2, -1)
+    second = [p[1] for p in pairs if p[0] == top]
+    tv1, tv2 = _tv(first, p1), _tv(second, p2)
+    wrong = torch.softmax(logits1 / 0.5, -1)  # a distribution the check must tell apart
+    print(f"TV token1 {tv1:.3f} (vs temperature 0.5: {_tv(first, wrong):.3f}); TV token2 {tv2:.3f} "
+          f"over {len(second)} samples")
+    assert tv1 < 0.08 and _tv(first, wrong) > 0.15
+    assert tv2 < 0.1 + 1.5 / len(second) ** 0.5
+
+
+def test_draft_sampling_honours_top_k_top_p_and_seeds():
+    from types import SimpleNamespace
+
+    from transformers_pipo.serving.vllm.patches import sample_draft
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    base = dict(all_greedy=False, temperature=torch.tensor([1.0, 1.0, 1.0, 0.0]), generators={},
+                top_k=None, top_p=None)
+    argmax = logits.argmax(-1)
+    top1 = SimpleNamespace(**{**base, "top_k": torch.tensor([1, 1, 1, 50])})
+    assert torch.equal(sample_draft(logits, top1), argmax)
+    tiny_p = SimpleNamespace(**{**base, "top_p": torch.tensor([1e-6] * 4)})
+    assert torch.equal(sample_draft(logits, tiny_p), argmax)
+    seeded = lambda: SimpleNamespace(**{**base, "generators": {i: torch.Generator().manual_seed(i) for i in range(4)}})  # noqa: E731
+    draws = torch.stack([sample_draft(logits, seeded()) for _ in range(3)])
+    assert (draws == draws[0]).all() and draws[0, 3] == argmax[3]  # same seeds, same draws; greedy row is argmax
+    top5 = SimpleNamespace(**{**base, "top_k": torch.tensor([5, 5, 5, 5])})
+    allowed = logits.topk(5, -1).indices
+    for _ in range(20):
+        picked = sample_draft(logits, top5)
+        assert all(int(picked[r]) in allowed[r].tolist() for r in range(4))

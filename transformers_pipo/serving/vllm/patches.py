@@ -246,7 +246,7 @@ def _patch_rejection_sampler():
 
 
 def _patch_proposer():
-    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer, compute_probs_and_sample_next_token
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 
     init = SpecDecodeBaseProposer.__init__
     sample = SpecDecodeBaseProposer._sample_draft_tokens
@@ -266,16 +266,12 @@ def _patch_proposer():
         if not getattr(model, "is_pipo_drafter", False):
             return sample(self, hidden_states, sampling_metadata)
         logits = model.compute_logits(hidden_states)
-        if sampling_metadata.all_greedy:
-            draft = logits.argmax(dim=-1)
-        else:
+        draft = sample_draft(logits, sampling_metadata)
+        if not sampling_metadata.all_greedy and not sampling_metadata.no_penalties:
             if not getattr(self, "_pipo_warned_sampling", False):
-                logger.warning(
-                    "PIPO serving: the drafted second token of each step is sampled with temperature only "
-                    "(vLLM's drafter ignores top-k/top-p/min-p/penalties); token1 uses the full sampling parameters.")
+                logger.warning("PIPO serving: presence/frequency/repetition penalties apply to token1 only; the "
+                               "drafted token2 is sampled without them.")
                 self._pipo_warned_sampling = True
-            draft, _ = compute_probs_and_sample_next_token(logits, sampling_metadata,
-                                                          getattr(self, "use_fp64_gumbel", False))
         confidence = model.confidence(hidden_states)
         tau = _batch_tau(self, draft.shape[0], draft.device)
         # τ < 0 commits every draft; τ >= 1 none (even where sigmoid saturates to 1.0), as `generate`.
@@ -284,6 +280,35 @@ def _patch_proposer():
 
     SpecDecodeBaseProposer.__init__ = __init__
     SpecDecodeBaseProposer._sample_draft_tokens = _sample_draft_tokens
+
+
+def sample_draft(logits: torch.Tensor, metadata) -> torch.Tensor:
+    """token2 from the drafter's logits with the request's temperature, top-k and top-p, drawn from the request's own
+    generator when it has a seed (vLLM's drafter uses temperature only and the global RNG). Greedy rows: argmax."""
+    greedy = logits.argmax(dim=-1)
+    if metadata.all_greedy:
+        return greedy
+    rows = logits.shape[0]
+    temperature = metadata.temperature[:rows].to(logits.dtype)
+    is_greedy = temperature <= 0
+    scores = logits.float() / torch.where(is_greedy, torch.ones_like(temperature), temperature).unsqueeze(1).float()
+    if metadata.top_k is not None:
+        k = metadata.top_k[:rows].long().clamp(1, scores.shape[1])
+        kth = scores.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if metadata.top_p is not None:
+        top_p = metadata.top_p[:rows].float().unsqueeze(1)
+        ordered, order = scores.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) > top_p  # keep the smallest prefix whose mass reaches top_p
+        scores = scores.scatter(1, order, ordered.masked_fill(drop, -float("inf")))
+    probs = scores.softmax(dim=-1)
+    race = torch.empty_like(probs)
+    for row in range(rows):
+        generator = metadata.generators.get(row)
+        race[row].exponential_(generator=generator) if generator is not None else race[row].exponential_()
+    sampled = (probs / race).argmax(dim=-1)  # exponential race: an exact draw from `probs`
+    return torch.where(is_greedy, greedy, sampled)
 
 
 def _batch_tau(proposer, rows: int, device) -> torch.Tensor:
