@@ -226,3 +226,20 @@ def test_draft_sampling_honours_top_k_top_p_and_seeds():
     for _ in range(20):
         picked = sample_draft(logits, top5)
         assert all(int(picked[r]) in allowed[r].tolist() for r in range(4))
+
+
+def test_misaligned_batches_are_refused(monkeypatch):
+    """The target raises on a batch whose rows are not (2j, 2j+1) pairs of one request instead of folding wrong
+    tokens together (what would happen if the scheduler hook were missing)."""
+    from types import SimpleNamespace
+
+    import vllm.forward_context as fc
+
+    from transformers_pipo.serving.vllm.models import _check_pair_aligned
+
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
+    monkeypatch.setattr(fc, "get_forward_context", lambda: SimpleNamespace(attn_metadata=object()))
+    _check_pair_aligned(torch.tensor([0, 1, 2, 3, 6, 7, 0, 1]))  # three requests, all aligned
+    for bad in ([0, 1, 2], [1, 2, 3, 4], [0, 1, 2, 4]):
+        with pytest.raises(RuntimeError, match="not pair-aligned"):
+            _check_pair_aligned(torch.tensor(bad))
