@@ -42,9 +42,11 @@ def build_pipo(family: str = "qwen3", seed: int = 0, confidence_scale: float = 4
 
 
 def save(model, folder, layout: str = "flat") -> str:
-    """`save_pretrained`, then optionally rewrite the keys to the nested layout (`model.backbone.*`, ...)."""
+    """`save_pretrained` (which writes the nested layout: `model.backbone.*`, `model.<head>.*`, `lm_head.*`), then
+    optionally rewrite the keys to the flat layout checkpoints saved before the PipoModel split use (`model.*` for the
+    backbone, PIPO heads at the top level)."""
     model.save_pretrained(folder)
-    if layout == "nested":
+    if layout == "flat":
         from safetensors.torch import load_file, save_file
 
         from transformers_pipo.serving.vllm.weights import PIPO_HEADS
@@ -53,12 +55,12 @@ def save(model, folder, layout: str = "flat") -> str:
         state = load_file(path)
         renamed = {}
         for key, tensor in state.items():
-            head = key.split(".", 1)[0]
-            if key.startswith("lm_head."):
-                renamed[key] = tensor
-            elif head in PIPO_HEADS:
-                renamed["model." + key] = tensor
+            if key.startswith("model.backbone."):
+                renamed["model." + key[len("model.backbone."):]] = tensor
+            elif key.startswith("model.") and key.split(".")[1] in PIPO_HEADS:
+                renamed[key[len("model."):]] = tensor
             else:
-                renamed["model.backbone." + key[len("model."):]] = tensor
+                renamed[key] = tensor
+        assert len(renamed) == len(state)
         save_file(renamed, path, metadata={"format": "pt"})
     return str(folder)

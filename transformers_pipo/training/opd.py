@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..modeling_pipo import align_row
 from .collator import IGNORE_INDEX, PipoDataCollator
 from .launch import check_distributed_launch
 from .losses import DIVERGENCES, opd_loss
@@ -182,7 +183,7 @@ def rollout_rows(output, pad_token_id: int) -> list[tuple[list[int], list[int]]]
 
 def sequence_rows(sequences, prompt_width: int, prompt_mask, pad_token_id: int, eos_token_ids) -> list:
     """Training rows from a plain (non-PIPO) `generate` output (e.g. a teacher with `seq_kd`): prompt + tokens up to
-    and including the first EOS, with the PIPO parity rules applied (PAD after an odd prompt, even total)."""
+    and including the first EOS, laid out by `align_row` (PAD after an odd prompt, even total)."""
     eos = set(eos_token_ids or [])
     rows = []
     for b in range(sequences.shape[0]):
@@ -194,14 +195,7 @@ def sequence_rows(sequences, prompt_width: int, prompt_mask, pad_token_id: int, 
             response.append(t)
             if t in eos:
                 break
-        if len(prompt) % 2:
-            prompt.append(pad_token_id)
-        ids = prompt + response
-        labels = [IGNORE_INDEX] * len(prompt) + response
-        if len(ids) % 2:
-            ids.append(pad_token_id)
-            labels.append(IGNORE_INDEX)
-        rows.append((ids, labels))
+        rows.append(align_row(prompt + response, [IGNORE_INDEX] * len(prompt) + response, pad_token_id))
     return rows
 
 
