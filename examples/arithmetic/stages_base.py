@@ -106,9 +106,39 @@ class _FlattenCollator:
         return self.inner([row for batch in items for row in batch])
 
 
+def _fit_causal_lm(cfg: PipelineConfig, model, tok, rows: list[dict], run_name: str, steps: int, lr: float,
+                   batch_size: int, *, weight_decay: float, batch_seed: int):
+    """One `Trainer` run of ordinary causal-LM training over length-bucketed batches of encoded `rows` (warm-up +
+    cosine over `steps`, see `schedule_args`); returns the trainer and its train result."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        **schedule_args(cfg, run_name, steps),
+        per_device_train_batch_size=1,  # one item = one pre-built, length-bucketed batch
+        learning_rate=lr,
+        weight_decay=weight_decay,
+    )
+    batches = length_bucketed_batches(rows, batch_size, batch_seed)
+    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(batches),
+                      data_collator=_FlattenCollator(CausalLMCollator(tok.pad_token_id)))
+    return trainer, trainer.train()
+
+
+def _save_regular(cfg: PipelineConfig, model, tok, out) -> None:
+    """Save a regular (token-by-token) model with the task's greedy generation defaults and the tokenizer."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+        do_sample=False,
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, resume: bool = False,
                 lr: float | None = None, offset: int = 0, absolute: bool = False) -> dict:
-    from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(cfg)
     teacher = name == "teacher"
@@ -133,24 +163,10 @@ def _train_base(cfg: PipelineConfig, name: str, size: ModelSize, steps: int, *, 
                            f"reserved prompts at {limit}")
     rows = [encode_example(tok, p.prompt, task.chain_of_thought(p.expression))
             for p in train[start: start + n_examples]]
-    args = TrainingArguments(
-        **schedule_args(cfg, name, steps),
-        per_device_train_batch_size=1,  # one item = one pre-built, length-bucketed batch
-        learning_rate=lr or cfg.base_lr,
-        weight_decay=0.01,
-    )
     start_time = time.time()
-    batches = length_bucketed_batches(rows, cfg.base_batch_size, cfg.seed)
-    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(batches),
-                      data_collator=_FlattenCollator(CausalLMCollator(tok.pad_token_id)))
-    result = trainer.train()
-    model.generation_config = GenerationConfig(
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-        do_sample=False,
-    )
-    out = cfg.path("models", name)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    trainer, result = _fit_causal_lm(cfg, model, tok, rows, name, steps, lr or cfg.base_lr, cfg.base_batch_size,
+                                     weight_decay=0.01, batch_seed=cfg.seed)
+    _save_regular(cfg, model, tok, cfg.path("models", name))
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "train_loss": result.training_loss,
@@ -165,8 +181,6 @@ def stage_train_teacher(cfg: PipelineConfig) -> dict:
     """The teacher: from scratch, or (`teacher_init="student_base"`) the trained student base continued for
     `teacher_steps` on its own slice of problems."""
     if cfg.teacher_init == "student_base":
-        from .common import is_done
-
         if not is_done(cfg, "train_student"):
             raise RuntimeError("teacher_init='student_base' needs the train_student stage first")
     info = _train_base(cfg, "teacher", cfg.teacher, cfg.teacher_steps)
@@ -218,7 +232,7 @@ def stage_train_student_matched(cfg: PipelineConfig) -> dict:
     `sft_more_steps` only trains the new runs)."""
     import json
 
-    from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
     if not is_done(cfg, "train_student") or not is_done(cfg, "sample_teacher"):
         raise RuntimeError("train_student_matched needs the train_student and sample_teacher stages first")
@@ -232,29 +246,20 @@ def stage_train_student_matched(cfg: PipelineConfig) -> dict:
     schedule = [(cfg.sft_steps, cfg.sft_lr)] + [(s, cfg.sft_more_lr) for s in cfg.sft_more_steps if s > 0]
     if [(r["steps"], r["learning_rate"]) for r in runs] != schedule[: len(runs)]:
         raise RuntimeError(f"{record} records other runs than the schedule {schedule}; remove models/student_matched")
-    start_time = time.time()
     for r, (steps, lr) in enumerate(schedule):
         if r < len(runs):
             continue
+        start_time = time.time()
         torch.manual_seed(cfg.seed + 100 + r)
-        n_examples = steps * cfg.sft_batch_size
-        rows = [encoded[i % len(encoded)] for i in range(n_examples)]  # whole epochs over the SFT records
-        batches = length_bucketed_batches(rows, cfg.sft_batch_size, cfg.seed + r)
-        args = TrainingArguments(**schedule_args(cfg, f"student_matched{r}", steps),
-                                 per_device_train_batch_size=1, learning_rate=lr, weight_decay=0.0)
-        trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(batches),
-                          data_collator=_FlattenCollator(CausalLMCollator(tok.pad_token_id)))
-        result = trainer.train()
+        rows = [encoded[i % len(encoded)] for i in range(steps * cfg.sft_batch_size)]  # whole epochs over the records
+        _, result = _fit_causal_lm(cfg, model, tok, rows, f"student_matched{r}", steps, lr, cfg.sft_batch_size,
+                                   weight_decay=0.0, batch_seed=cfg.seed + r)
         runs.append({"steps": steps, "learning_rate": lr, "train_loss": result.training_loss,
                      "seconds": round(time.time() - start_time, 1)})
-        model.generation_config = GenerationConfig(
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-        )
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        _save_regular(cfg, model, tok, out)
         record.write_text(json.dumps(runs, indent=2))
-    return {"runs": runs, "records": len(records), "steps": sum(x["steps"] for x in runs)}
+    return {"runs": runs, "records": len(records), "steps": sum(x["steps"] for x in runs),
+            "seconds": round(sum(x.get("seconds", 0) for x in runs), 1)}
 
 
 def load_model(path):
