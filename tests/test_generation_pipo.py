@@ -367,3 +367,38 @@ def test_generate_under_no_grad_free_inference(fam):
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     floats = [*cached, *out.scores, *out.logits, out.mean_confidence]
     assert len(cached) >= 4 and not any(t.requires_grad for t in floats)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_grad_mode_of_returned_tensors(cache_implementation):
+    """Eager decoding over dynamic caches runs under inference mode (DESIGN §3.8): only the two returned caches are
+    inference tensors; sequences, scores and statistics stay ordinary tensors that can enter autograd (OPD trains on
+    generated sequences). Static caches outlive the call (kept and reset in place), so that path keeps no_grad."""
+    model = tiny_pipo("qwen3")
+    out = model.generate(torch.tensor([[4, 5, 6, 7]]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                         pipo_confidence_threshold=0.5, return_dict_in_generate=True, output_scores=True,
+                         cache_implementation=cache_implementation)
+    dynamic = cache_implementation is None
+    assert out.cache.layers[0].keys.is_inference() == dynamic
+    assert out.mtp_cache.layers[0].keys.is_inference() == dynamic
+    plain = [out.sequences, *out.scores, out.pipo_slot_ids, out.committed_drafts, out.mean_confidence]
+    assert not any(t.is_inference() for t in plain)
+    loss = model(input_ids=out.sequences[:, :10], labels=out.sequences[:, :10]).loss
+    loss.backward()  # would raise "Inference tensors cannot be saved for backward" on inference-mode ids
+    assert model.lm_head.weight.grad is not None
+    # A second eager call on the same model after the static one, and the reverse, both still work.
+    again = model.generate(torch.tensor([[4, 5, 6, 7]]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                           pipo_confidence_threshold=0.5)
+    assert torch.equal(again, out.sequences)
+
+
+def test_plain_and_dict_calls_emit_the_same_tokens():
+    """Plain calls skip the raw-slot and statistics upkeep (DESIGN §3.8); the tokens must not depend on it."""
+    model = wiring_sensitive_pipo("llama")
+    prompts = torch.tensor([[3, 9, 4, 5, 6], [0, 7, 8, 2, 11]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    kw = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, eos_token_id=5, pipo_confidence_threshold=0.5)
+    plain = model.generate(prompts, **kw)
+    full = model.generate(prompts, return_dict_in_generate=True, **kw)
+    assert torch.equal(plain, full.sequences)
+    assert 0 < int(full.committed_drafts.sum()) < int(full.decode_steps.sum())  # the gate both commits and rejects

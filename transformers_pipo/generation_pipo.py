@@ -56,6 +56,9 @@ class PipoGenerateOutput(GenerateDecoderOnlyOutput):
         backbone_forwards: number of backbone calls for the whole batch.
         mean_confidence: `[B]` mean draft confidence `sigmoid(conf)` over evaluated drafts (NaN when none).
         mtp_cache: the MTP layer's cache.
+
+    After eager decoding over dynamic caches, `cache` and `mtp_cache` hold inference tensors (DESIGN §3.8): clone
+    them before using them in autograd. Every other field is an ordinary tensor.
     """
 
     pipo_slot_ids: torch.LongTensor | None = None
@@ -163,6 +166,8 @@ class _PipoDecodeState:
         self.out_pad = int(out_pad.reshape(-1)[0]) if out_pad is not None else self.pad
         self.want_scores = bool(generation_config.output_scores)
         self.want_logits = bool(generation_config.output_logits)
+        # Raw slots and statistics are only returned in a `PipoGenerateOutput`; plain calls skip their upkeep.
+        self.track = bool(generation_config.return_dict_in_generate)
         self.eos_vocab_mask = None  # [V] bool, built on first use (needs the vocabulary size)
         self.pad_index = torch.tensor([self.pad], device=self.device)
 
@@ -201,7 +206,8 @@ class _PipoDecodeState:
         """Phase-1 update: choose (or take the fused step's greedy `chosen`) and emit token1 for every unfinished row;
         remembers who may still draft."""
         active1 = ~self.finished
-        self.steps += active1
+        if self.track:
+            self.steps += active1
         token1, scores1 = self._choose(raw1, chosen)
         self._emit(token1, active1, scores1, raw1)
         self._record_slot(token1, active1)
@@ -221,9 +227,10 @@ class _PipoDecodeState:
             else:
                 commit = confidence >= tau
                 token2, emitted2 = torch.where(commit, draft, self.pad), active2 & commit
-            self.conf_sum += torch.where(active2, confidence.float(), 0.0)
-            self.conf_count += active2
-            self.committed += emitted2
+            if self.track:
+                self.conf_sum += torch.where(active2, confidence.float(), 0.0)
+                self.conf_count += active2
+                self.committed += emitted2
             self._emit(draft, emitted2, scores2, raw2)
             self._stream(draft, emitted2)
         self._record_slot(token2, active2)
@@ -281,6 +288,8 @@ class _PipoDecodeState:
         self.finished |= active & stop
 
     def _record_slot(self, tokens, active) -> None:
+        if not self.track:
+            return
         self.slots.scatter_(1, self.slot_len.unsqueeze(1), torch.where(active, tokens, self.pad).unsqueeze(1))
         self.slot_len += active
 
@@ -382,7 +391,7 @@ def pipo_generate(
         streamer.put(input_ids.cpu())
 
     if synced_gpus or not bool(state.finished.all()):
-        with torch.no_grad(), _gathered_root_params(model, synced_gpus):
+        with _decode_grad_mode(cache, mtp_cache, compiled, synced_gpus), _gathered_root_params(model, synced_gpus):
             _decode(model, state, cache, mtp_cache, tau, run_mtp, compiled, synced_gpus)
     if streamer is not None:
         streamer.end()
@@ -601,6 +610,22 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
             token2 = state.token2(raw2, confidence, tau)
         else:
             token2 = state.token2(None, None, tau)
+
+
+def _decode_grad_mode(cache, mtp_cache, compiled, synced_gpus: bool):
+    """`torch.inference_mode()` for eager decoding over dynamic caches, else `torch.no_grad()`.
+
+    Eager decoding of a small backbone is bound by per-op overhead, which inference mode trims (no version counters
+    or view tracking; DESIGN §3.8). It is used only where every tensor it creates is new to this call: dynamic
+    caches built here or passed in empty (so the caches and scores returned hold inference tensors: clone them
+    before using them in autograd). Static caches outlive the call (kept and reset in place by later calls, and
+    shared with the compiled step) and FSDP gathers parameters in place, so those paths keep `no_grad`.
+    """
+    if compiled is not None or synced_gpus:
+        return torch.no_grad()
+    if not all(c is None or _is_dynamic(c) for c in (cache, mtp_cache)):
+        return torch.no_grad()
+    return torch.inference_mode()
 
 
 def _all_done(state: _PipoDecodeState, synced_gpus: bool) -> bool:

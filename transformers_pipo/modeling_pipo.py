@@ -750,7 +750,7 @@ class PipoModel(PipoPreTrainedModel):
 
     def confidence_logits(self, hidden: torch.Tensor, mtp_hidden: torch.Tensor) -> torch.Tensor:
         """Draft-confidence logits `[B, n]` (inputs detached when `config.detach_confidence_inputs`)."""
-        if self.config.detach_confidence_inputs:
+        if torch.is_grad_enabled() and self.config.detach_confidence_inputs:  # no config lookup per decode step
             hidden, mtp_hidden = hidden.detach(), mtp_hidden.detach()
         return self.confidence_head(hidden, mtp_hidden).float()
 
@@ -1175,7 +1175,8 @@ def lean_decode_step(
     }
     position_embeddings = body.rotary_emb(latents, position_ids)
     hidden = latents
-    for layer, kind in zip(getattr(body, plan.layers_attr)[: plan.num_layers], plan.mask_kinds):
+    # zip stops at the last planned layer; slicing the ModuleList would build a new ModuleList every step
+    for layer, kind in zip(getattr(body, plan.layers_attr), plan.mask_kinds):
         hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
                        position_ids=position_ids, cache=cache, use_cache=True)
     return body.norm(hidden)
