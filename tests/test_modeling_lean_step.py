@@ -165,3 +165,51 @@ def test_training_mode_is_not_planned():
     assert modeling_pipo._LEAN_PLAN_KEY not in model.backbone.__dict__
     model.eval()
     assert lean_body_plan(model.backbone) is not None
+
+
+@pytest.mark.parametrize("tau", [-1.0, 0.5])
+def test_mtp_step_reuses_the_backbone_rotary_embedding(family, tau, monkeypatch):
+    """With equal rotary embeddings, an eager decode step computes cos/sin once (backbone) and the MTP step reuses
+    it: tokens, slots and statistics are bitwise those of computing it twice, and the MTP's own rotary embedding
+    runs only in the prefill."""
+    model = tiny_pipo(family)
+    ids, mask = _left_padded_batch()
+    shares = model.model._mtp_shares_rope() and family in LEAN_FAMILIES  # reuse needs the lean backbone step
+    assert shares == (family in LEAN_FAMILIES)
+    calls = {"n": 0}
+    rotary = getattr(model.mtp, "rotary_emb", None)
+    if rotary is not None:
+        rotary.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    shared = _outputs(model, pipo_confidence_threshold=tau, input_ids=ids, attention_mask=mask)
+    if shares:
+        assert calls["n"] == 1  # the teacher-forced prefill over the prompt; no decode step
+    monkeypatch.setattr(type(model.model), "_mtp_shares_rope", lambda self: False)
+    calls["n"] = 0
+    fresh = _outputs(model, pipo_confidence_threshold=tau, input_ids=ids, attention_mask=mask)
+    if rotary is not None and family in LEAN_FAMILIES:
+        assert calls["n"] == fresh.backbone_forwards  # prefill + one per decode step
+    _assert_identical(shared, fresh)
+
+
+def test_mtp_step_recomputes_rope_for_other_positions():
+    """Only the very position tensor of the last backbone step gets the remembered cos/sin: an MTP step at other
+    positions (a caller's own tensor, or a shifted one) computes its own, so a position fault stays visible."""
+    model = tiny_pipo("qwen3")
+    h = _latents(model, 1, 6, seed=3)
+    pos = torch.arange(5)[None]
+    token1 = torch.tensor([[7]])
+
+    def mtp_after_backbone(step_pos):
+        cache, mtp_cache = DynamicCache(config=model.backbone.config), model.new_mtp_cache()
+        with torch.no_grad():
+            model.run_backbone(h[:, :5], None, pos, cache=cache, use_cache=True)
+            model.run_mtp(torch.tensor([[4, 5, 6, 7, 8]]), h[:, :5], None, pos, cache=mtp_cache, use_cache=True)
+            backbone_pos = torch.tensor([[5]])
+            model.run_backbone(h[:, 5:], None, backbone_pos, cache=cache, use_cache=True)
+            return model.mtp_step(token1, h[:, 5:], None, step_pos(backbone_pos), mtp_cache)
+
+    same = mtp_after_backbone(lambda p: p)
+    equal_copy = mtp_after_backbone(lambda p: p.clone())
+    shifted = mtp_after_backbone(lambda p: p + 1)
+    assert torch.equal(same, equal_copy)
+    assert not torch.equal(same, shifted)

@@ -338,20 +338,24 @@ class PipoMTPHead(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor,
         cache: Cache,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One cached decode position, calling the decoder layer directly (no one-layer model forward).
 
         Same computation as `forward` for bodies whose forward is `rotary embedding -> layers -> norm` (every
         rotary backbone: Llama, Mistral, Qwen2/3/3.5, ...): the layer gets its cache, its position embeddings and
         the mask from `create_causal_mask`, without the model-level wrappers. Other bodies (learned positions, e.g.
-        GPT-2) take the full `forward`.
+        GPT-2) take the full `forward`. `position_embeddings`: the backbone's cos/sin at `position_ids`, when its
+        rotary embedding equals this one (see `PipoModel.mtp_step`); used when dtype and device match.
         """
         if not self.uses_lean_step():
             return self.forward(token1_embeds, hidden, attention_mask, position_ids, cache=cache, use_cache=True)
         u = self.fc(torch.cat([self.pre_fc_norm_embedding(token1_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
         mask = decode_causal_mask(config=self.body_config, inputs_embeds=u, attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)
-        position_embeddings = self.rotary_emb(u, position_ids)
+        if position_embeddings is None or position_embeddings[0].dtype != u.dtype or \
+                position_embeddings[0].device != u.device:
+            position_embeddings = self.rotary_emb(u, position_ids)
         out = self.decoder_layer()(u, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
                                    position_embeddings=position_embeddings)
         return self.norm(out)
@@ -718,7 +722,10 @@ class PipoModel(PipoPreTrainedModel):
                 and not torch.compiler.is_compiling()):
             plan = lean_body_plan(self.backbone)
             if plan is not None:
-                return lean_decode_step(self.backbone, plan, latents, attention_mask, position_ids, cache)
+                rope = self.backbone.rotary_emb(latents, position_ids)
+                if self._mtp_shares_rope():  # the MTP step at the same positions reuses it (`mtp_step`)
+                    self.__dict__[_STEP_ROPE_KEY] = (position_ids, rope)
+                return lean_decode_step(self.backbone, plan, latents, attention_mask, position_ids, cache, rope)
         out = self.backbone(
             inputs_embeds=latents,
             attention_mask=attention_mask,
@@ -762,8 +769,34 @@ class PipoModel(PipoPreTrainedModel):
         position_ids: torch.LongTensor,
         cache: Cache,
     ) -> torch.Tensor:
-        """One cached MTP decode position (`token1` `[B, 1]`, `hidden` `[B, 1, H]`); same result as `run_mtp`."""
-        return self.mtp.decode_step(self.get_input_embeddings()(token1), hidden, attention_mask, position_ids, cache)
+        """One cached MTP decode position (`token1` `[B, 1]`, `hidden` `[B, 1, H]`); same result as `run_mtp`.
+
+        When this step's `position_ids` is the very tensor the last lean backbone step was given (the decode loop
+        passes one tensor to both phases) and the two rotary embeddings are equal, the backbone's cos/sin is reused:
+        one rotary computation per step instead of two. Any other positions (a caller's own, or a shifted copy)
+        are computed afresh."""
+        step = self.__dict__.get(_STEP_ROPE_KEY)
+        rope = step[1] if step is not None and step[0] is position_ids and not torch.compiler.is_compiling() else None
+        return self.mtp.decode_step(self.get_input_embeddings()(token1), hidden, attention_mask, position_ids, cache,
+                                    rope)
+
+    def _mtp_shares_rope(self) -> bool:
+        """Whether the MTP body's rotary embedding computes the backbone's cos/sin: same class, static frequencies
+        (no dynamic/longrope update), equal `inv_freq` and scaling. Decided once per model."""
+        shared = self.__dict__.get(_SHARES_ROPE_KEY)
+        if shared is None:
+            a, b = getattr(self.backbone, "rotary_emb", None), getattr(self.mtp, "rotary_emb", None)
+            kind = getattr(a, "rope_type", None)
+            shared = (
+                isinstance(a, nn.Module) and type(a) is type(b) and isinstance(kind, str)
+                and kind == getattr(b, "rope_type", None) and "dynamic" not in kind and kind != "longrope"
+                and isinstance(getattr(a, "inv_freq", None), torch.Tensor)
+                and isinstance(getattr(b, "inv_freq", None), torch.Tensor)
+                and a.inv_freq.device == b.inv_freq.device and torch.equal(a.inv_freq, b.inv_freq)
+                and getattr(a, "attention_scaling", None) == getattr(b, "attention_scaling", None)
+            )
+            self.__dict__[_SHARES_ROPE_KEY] = shared
+        return shared
 
     def new_mtp_cache(self, max_cache_len: int | None = None) -> Cache:
         """A fresh cache for the MTP layer (independent of the backbone cache): dynamic, or static with
@@ -1104,6 +1137,8 @@ class LeanBodyPlan:
     mask_kinds: tuple[str, ...]
 
 
+_STEP_ROPE_KEY = "_pipo_step_rope"  # on PipoModel.__dict__: (position_ids, (cos, sin)) of the last lean backbone step
+_SHARES_ROPE_KEY = "_pipo_mtp_shares_rope"
 _LEAN_PLAN_KEY = "_pipo_lean_plan"  # cached on the body's __dict__: a LeanBodyPlan, or False when ineligible
 _LEAN_MASK_KINDS = ("full_attention", "sliding_attention")
 
@@ -1162,9 +1197,11 @@ def lean_decode_step(
     attention_mask: torch.Tensor | None,
     position_ids: torch.LongTensor,
     cache: Cache,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One cached decode step of `body` over `latents` `[B, q, H]`, calling its parts directly; returns the post-norm
-    hidden states, as `body(inputs_embeds=latents, ..., use_cache=True).last_hidden_state` does."""
+    hidden states, as `body(inputs_embeds=latents, ..., use_cache=True).last_hidden_state` does.
+    `position_embeddings`: `body.rotary_emb(latents, position_ids)` when the caller already computed it."""
     from transformers.masking_utils import create_sliding_window_causal_mask
 
     makers = {"full_attention": decode_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -1173,7 +1210,8 @@ def lean_decode_step(
                            position_ids=position_ids)
         for kind in dict.fromkeys(plan.mask_kinds)
     }
-    position_embeddings = body.rotary_emb(latents, position_ids)
+    if position_embeddings is None:
+        position_embeddings = body.rotary_emb(latents, position_ids)
     hidden = latents
     # zip stops at the last planned layer; slicing the ModuleList would build a new ModuleList every step
     for layer, kind in zip(getattr(body, plan.layers_attr), plan.mask_kinds):
