@@ -87,6 +87,7 @@ class PipelineConfig:
     eval_batch_size: int = 500
     thresholds: tuple[float, ...] = (-1.0, 0.5, 0.7, 0.9, 1.0)
     n_timing: int = 12
+    speed_reps: int = 4  # interleaved passes over the timing problems in the `speed` stage (ratios vary ±0.05 at 2)
     # keys of stages_eval.SPEED_MODES measured by the `speed` stage: both sides eager, and both static + compiled
     speed_modes: tuple[str, ...] = ("eager", "static_compiled")
     shipped_threshold: float | None = None  # None: chosen from the sweep on the validation split
@@ -116,7 +117,7 @@ def quick_config(out: str) -> PipelineConfig:
         sample_batch_size=32, min_sft_records=64, max_new_tokens=64,
         sft_steps=10, sft_more_steps=(3,), sft_batch_size=4, mtp_only_steps=5, n_opd_prompts=16, opd_steps=3,
         opd_batch_size=4,
-        n_eval=16, eval_batch_size=16, thresholds=(-1.0, 0.5, 1.0), n_timing=2, speed_modes=("eager",),
+        n_eval=16, eval_batch_size=16, thresholds=(-1.0, 0.5, 1.0), n_timing=2, speed_reps=1, speed_modes=("eager",),
         docs_dir=f"{out}/docs", assets_dir=f"{out}/assets", notes_file=f"{out}/notes.md",
     )
 

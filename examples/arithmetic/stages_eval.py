@@ -384,7 +384,7 @@ def stage_speed(cfg: PipelineConfig) -> dict:
     speed = {}
     for mode in cfg.speed_modes:
         speed[mode] = _cached(cfg, f"speed_{mode}_tau{tau}", lambda mode=mode: measure_speed(
-            models, tok, problems, [mode], tau, cfg.max_new_tokens)[mode])
+            models, tok, problems, [mode], tau, cfg.max_new_tokens, reps=cfg.speed_reps)[mode])
     cfg.path("eval", "speed.json").write_text(json.dumps(speed, indent=2))
     return {mode: v.get("tpot_ratio", v.get("error")) for mode, v in speed.items()}
 
@@ -594,6 +594,12 @@ def stage_report(cfg: PipelineConfig) -> dict:
         "is faster). Each decoding mode gives both sides the same path (`eager`: dynamic cache, no compile; "
         "`static_compiled`: static cache + torch.compile). Re-run one mode with `--stages speed,report --force "
         "--set 'speed_modes=[...]'`.",
+    ]
+    sizes = sorted({(v["n_problems"], v["reps"]) for v in results["speed"].values() if "n_problems" in v})
+    if sizes:
+        lines += ["", "Each mode: " + ", ".join(f"{n} test problems × {r} interleaved passes" for n, r in sizes)
+                  + "; both sides are timed under `torch.inference_mode()`, as `_time_one` calls them."]
+    lines += [
         "",
         "| mode | row | TPOT ms | TPOT ratio | TTFT ms | TTFT ratio | tokens/s |",
         "|---|---|---|---|---|---|---|",
