@@ -265,6 +265,11 @@ PENALTIES = {
     "logit_bias": ({"logit_bias": BIAS}, lambda prompt: {"sequence_bias": [[[t], b] for t, b in BIAS.items()]}),
     "presence_frequency": ({"presence_penalty": 1.5, "frequency_penalty": 1.0},
                            lambda prompt: {"logits_processor": [_OutputPenalties(len(prompt), 1.5, 1.0)]}),
+    # Values that reward repeats: the most recent token, this step's token1, becomes token2's favourite, so a token2
+    # that did not see its token1 in the history would differ.
+    "rewarding_repeats": ({"repetition_penalty": 0.5, "presence_penalty": -1.0, "frequency_penalty": -0.5},
+                          lambda prompt: {"repetition_penalty": 0.5,
+                                          "logits_processor": [_OutputPenalties(len(prompt), -1.0, -0.5)]}),
 }
 
 
@@ -307,6 +312,17 @@ def test_penalties_apply_to_both_tokens_as_generate(qwen3, kind, tau):
         assert changed2 >= 3
 
 
+def _target_distribution(model, prompt) -> torch.Tensor:
+    """token1's distribution after `prompt` (even length) at temperature 1."""
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        positions = torch.arange(len(prompt) // 2).unsqueeze(0)
+        hidden = model.run_backbone(model.embed_pairs(ids), None, positions)
+        logits1 = model.lm_head(hidden[:, -1])[0].float()
+        logits1[PAD_ID] = -float("inf")
+        return torch.softmax(logits1, -1)
+
+
 def _draft_distribution(model, prompt, token1, temperature=1.0) -> torch.Tensor:
     """The drafter's token2 distribution after `prompt` (even length) and the prefill's token1."""
     with torch.no_grad():
@@ -321,9 +337,9 @@ def _draft_distribution(model, prompt, token1, temperature=1.0) -> torch.Tensor:
 
 
 def test_min_p_bounds_the_support_of_token2(qwen3):
-    """min-p on token2: over many seeded temperature-1 prefills (τ<0, so every token2 is committed), no token2 has
-    drafter probability below min_p · p_max given its token1; the same seeds without min-p do draw such tokens (the
-    check can tell)."""
+    """min-p on both tokens: over many seeded temperature-1 prefills (τ<0, so every token2 is committed), no token1 has
+    target probability and no token2 drafter probability (given its token1) below min_p · p_max; the same seeds without
+    min-p do draw such tokens (the check can tell)."""
     from vllm import SamplingParams
 
     model, llm = qwen3
@@ -335,7 +351,11 @@ def test_min_p_bounds_the_support_of_token2(qwen3):
         outs = llm.generate([{"prompt_token_ids": prompt}] * n, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
-    def below(pairs) -> int:
+    p1 = _target_distribution(model, prompt)
+
+    def below(pairs, first=False) -> int:
+        if first:
+            return sum(bool(p1[t1] < min_p * p1.max()) for t1, _ in pairs)
         cache, count = {}, 0
         for t1, t2 in pairs:
             if t1 not in cache:
@@ -347,8 +367,9 @@ def test_min_p_bounds_the_support_of_token2(qwen3):
     with_min_p, without = draws(min_p=min_p), draws()
     assert all(len(p) == 2 for p in with_min_p + without)
     print(f"token2 below min_p * p_max: {below(with_min_p)}/{n} with min_p={min_p}, {below(without)}/{n} without")
-    assert below(with_min_p) == 0
-    assert below(without) >= n // 10
+    print(f"token1 below: {below(with_min_p, True)}/{n} with, {below(without, True)}/{n} without")
+    assert below(with_min_p) == 0 and below(with_min_p, first=True) == 0
+    assert below(without) >= n // 10 and below(without, first=True) >= n // 10
 
 
 def test_bad_words_warn_once(caplog):
