@@ -385,3 +385,45 @@ def test_bad_words_warn_once(caplog):
         _warn_unapplied(proposer, SimpleNamespace(bad_words_token_ids={0: [[7]]}))
         _warn_unapplied(proposer, SimpleNamespace(bad_words_token_ids={0: [[7]]}))
     assert len(caplog.records) == 1 and "bad_words" in caplog.records[0].getMessage()
+
+
+def test_drafter_is_skipped_when_every_request_has_tau_at_least_one():
+    """A batch whose requests all have τ >= 1 (per request or from the checkpoint) gets all-PAD drafts without a
+    drafter forward (`generate` skips the MTP phase at τ >= 1; the τ = 1 runs above check the output is unchanged);
+    one request with τ < 1 makes the drafter run for the batch."""
+    from types import SimpleNamespace
+
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    from transformers_pipo.serving.vllm import patches
+
+    patches.install()
+    forwards = []
+
+    class Drafter:
+        is_pipo_drafter, pad_token_id = True, PAD_ID
+
+        def __call__(self, *args, **kwargs):
+            forwards.append(1)
+            raise AssertionError("the drafter ran")
+
+    def proposer(taus, default=0.5):
+        requests = {f"r{i}": SimpleNamespace(sampling_params=SimpleNamespace(
+            extra_args=None if t is None else {"pipo_confidence_threshold": t})) for i, t in enumerate(taus)}
+        runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(requests)), requests=requests)
+        return SimpleNamespace(model=Drafter(), _pipo_runner=runner, _pipo_tau=default)
+
+    def call(taus, default=0.5):
+        kwargs = dict(num_speculative_tokens=1, target_token_ids=torch.zeros(6, dtype=torch.long),
+                      target_positions=torch.arange(6), target_hidden_states=torch.zeros(6, 8),
+                      next_token_ids=torch.tensor([4, 5, 6]), token_indices_to_sample=None,
+                      common_attn_metadata=SimpleNamespace(batch_size=lambda: len(taus)), sampling_metadata=None)
+        return proposer(taus, default), kwargs
+
+    for taus, default in (([1.0, 1.0, 3.0], 0.5), ([None, 1.0, None], 1.0)):
+        stub, kwargs = call(taus, default)
+        out = SpecDecodeBaseProposer.propose(stub, **kwargs)
+        assert out.tolist() == [[PAD_ID]] * 3 and out.dtype == torch.int64 and not forwards
+    for taus, default in (([1.0, 0.5, 1.0], 0.5), ([1.0, None, 1.0], 0.5), ([-1.0, 1.0, 1.0], 1.0)):
+        stub, kwargs = call(taus, default)
+        assert patches.skip_drafter(stub, **kwargs) is None  # the drafter runs

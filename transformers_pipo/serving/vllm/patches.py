@@ -12,8 +12,9 @@ and otherwise calls the original. They are listed in docs/SERVING.md with the up
    never reaches the output.
 6. ``rejection_sampler.rejection_sample``: synthetic accept-all (rates 1.0) on CPU, whose C++ kernels assert against
    synthetic mode (on GPU the Triton kernels support it and are left alone).
-7. ``SpecDecodeBaseProposer.__init__`` / ``_sample_draft_tokens``: the drafter's token is gated by the confidence
-   head (`sigmoid(conf) >= tau`, else PAD) with the request's tau.
+7. ``SpecDecodeBaseProposer.__init__`` / ``_sample_draft_tokens`` / ``propose``: the drafter's token is gated by the
+   confidence head (`sigmoid(conf) >= tau`, else PAD) with the request's tau; a batch whose requests all have
+   tau >= 1 skips the drafter (all PAD), as `generate` skips the MTP phase.
 8. ``VllmConfig._get_v2_model_runner_unsupported_features``: PIPO stays on the V1 model runner, whose proposer
    hook 7 gates (Model Runner V2 has its own speculators).
 9. ``SamplingParams._validate_spec_decode`` / ``gpu_model_runner.build_logitsprocs``: min-p and logit bias are
@@ -256,6 +257,7 @@ def _patch_proposer():
 
     init = SpecDecodeBaseProposer.__init__
     sample = SpecDecodeBaseProposer._sample_draft_tokens
+    propose = SpecDecodeBaseProposer.propose
 
     @functools.wraps(init)
     def __init__(self, vllm_config, device, *args, **kwargs):
@@ -280,8 +282,32 @@ def _patch_proposer():
         commit = (tau < 0) | ((tau < 1) & (confidence >= tau))
         return torch.where(commit, draft, torch.full_like(draft, model.pad_token_id)), None
 
+    @functools.wraps(propose)
+    def pipo_propose(self, *args, **kwargs):
+        skipped = skip_drafter(self, *args, **kwargs)
+        return skipped if skipped is not None else propose(self, *args, **kwargs)
+
     SpecDecodeBaseProposer.__init__ = __init__
     SpecDecodeBaseProposer._sample_draft_tokens = _sample_draft_tokens
+    SpecDecodeBaseProposer.propose = pipo_propose
+
+
+def skip_drafter(proposer, num_speculative_tokens: int, *args, **kwargs) -> torch.Tensor | None:
+    """All-PAD drafts, without running the drafter, when every request of the batch has τ >= 1 (none of them can ever
+    commit a draft, so their MTP cache is never read: `generate` skips the MTP phase at τ >= 1); else None (the
+    drafter runs). Takes `SpecDecodeBaseProposer.propose`'s arguments."""
+    model = proposer.model
+    if not getattr(model, "is_pipo_drafter", False) or num_speculative_tokens <= 0:
+        return None
+    metadata = kwargs["common_attn_metadata"] if "common_attn_metadata" in kwargs else args[5]
+    next_token_ids = kwargs["next_token_ids"] if "next_token_ids" in kwargs else args[3]
+    batch = metadata.batch_size()
+    if not bool((_batch_tau(proposer, batch, next_token_ids.device) >= 1).all()):
+        return None
+    proposer.num_speculative_tokens = num_speculative_tokens
+    proposer._last_draft_probs = None
+    return torch.full((batch, num_speculative_tokens), model.pad_token_id, dtype=torch.int64,
+                      device=next_token_ids.device)
 
 
 def _builtin_processors(metadata) -> tuple[list, list]:
