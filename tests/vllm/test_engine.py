@@ -260,9 +260,12 @@ class _OutputPenalties:
 
 
 BIAS = {t: 2.5 for t in range(0, PAD_ID, 3)}
+ALLOWED = list(range(1, PAD_ID, 2))
 PENALTIES = {
     "repetition": ({"repetition_penalty": 1.8}, lambda prompt: {"repetition_penalty": 1.8}),
     "logit_bias": ({"logit_bias": BIAS}, lambda prompt: {"sequence_bias": [[[t], b] for t, b in BIAS.items()]}),
+    "allowed_token_ids": ({"allowed_token_ids": ALLOWED},
+                          lambda prompt: {"prefix_allowed_tokens_fn": lambda batch_id, ids: ALLOWED}),
     "presence_frequency": ({"presence_penalty": 1.5, "frequency_penalty": 1.0},
                            lambda prompt: {"logits_processor": [_OutputPenalties(len(prompt), 1.5, 1.0)]}),
     # Values that reward repeats: the most recent token, this step's token1, becomes token2's favourite, so a token2
@@ -292,8 +295,8 @@ def _token2_changed(model, prompt, reference_kwargs) -> int:
 @pytest.mark.parametrize("tau", [-1.0, 0.5])
 def test_penalties_apply_to_both_tokens_as_generate(qwen3, kind, tau):
     """Greedy with repetition (transformers' `repetition_penalty`, the same definition as vLLM's), presence and
-    frequency penalties (vLLM's definition, fed to `generate` as a logits processor) or a logit bias (transformers'
-    single-token `sequence_bias`): token-exact against `generate`,
+    frequency penalties (vLLM's definition, fed to `generate` as a logits processor), a logit bias (transformers'
+    single-token `sequence_bias`) or allowed token ids (`prefix_allowed_tokens_fn`): token-exact against `generate`,
     whose token2 sees the prompt, the output so far and this step's token1. The penalties change the output, and
     change token2s themselves, not only token1s."""
     model, llm = qwen3

@@ -323,7 +323,8 @@ def _builtin_processors(metadata) -> tuple[list, list]:
     procs = getattr(metadata, "logitsprocs", None)
     if procs is None:
         return [], []
-    before = [p for p in procs.non_argmax_invariant if isinstance(p, (LogitBiasLogitsProcessor, MinTokensLogitsProcessor))]
+    before = [p for p in procs.non_argmax_invariant
+              if isinstance(p, (LogitBiasLogitsProcessor, MinTokensLogitsProcessor))]
     after = [p for p in procs.argmax_invariant if isinstance(p, MinPLogitsProcessor)]
     return before, after
 
