@@ -12,10 +12,16 @@ and otherwise calls the original. They are listed in docs/SERVING.md with the up
    never reaches the output.
 6. ``rejection_sampler.rejection_sample``: synthetic accept-all (rates 1.0) on CPU, whose C++ kernels assert against
    synthetic mode (on GPU the Triton kernels support it and are left alone).
-7. ``SpecDecodeBaseProposer.__init__`` / ``_sample_draft_tokens``: the drafter's token is gated by the confidence
-   head (`sigmoid(conf) >= tau`, else PAD) with the request's tau.
+7. ``SpecDecodeBaseProposer.__init__`` / ``_sample_draft_tokens`` / ``propose``: the drafter's token is gated by the
+   confidence head (`sigmoid(conf) >= tau`, else PAD) with the request's tau; a batch whose requests all have
+   tau >= 1 skips the drafter (all PAD), as `generate` skips the MTP phase.
 8. ``VllmConfig._get_v2_model_runner_unsupported_features``: PIPO stays on the V1 model runner, whose proposer
    hook 7 gates (Model Runner V2 has its own speculators).
+9. ``SamplingParams._validate_spec_decode`` / ``gpu_model_runner.build_logitsprocs``: min-p and logit bias are
+   accepted and their built-in processors loaded for PIPO (vLLM refuses both with speculative decoding because its
+   verification ignores them; PIPO has no verification: token1 is vLLM's bonus token, sampled with every built-in
+   processor, and hook 7 applies them to token2). Custom logits processors stay refused, as vLLM does for every
+   speculative config.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from . import DRAFTER_ARCH, TAU_KEY, speculative_config
 
 logger = logging.getLogger("transformers_pipo.serving.vllm")
+_SAMPLING_EPS = 1e-5  # vLLM's Sampler: temperatures below this are greedy
 _INSTALLED = False
 
 
@@ -250,6 +257,7 @@ def _patch_proposer():
 
     init = SpecDecodeBaseProposer.__init__
     sample = SpecDecodeBaseProposer._sample_draft_tokens
+    propose = SpecDecodeBaseProposer.propose
 
     @functools.wraps(init)
     def __init__(self, vllm_config, device, *args, **kwargs):
@@ -267,31 +275,94 @@ def _patch_proposer():
             return sample(self, hidden_states, sampling_metadata)
         logits = model.compute_logits(hidden_states)
         draft = sample_draft(logits, sampling_metadata)
-        if not sampling_metadata.all_greedy and not sampling_metadata.no_penalties:
-            if not getattr(self, "_pipo_warned_sampling", False):
-                logger.warning("PIPO serving: presence/frequency/repetition penalties apply to token1 only; the "
-                               "drafted token2 is sampled without them.")
-                self._pipo_warned_sampling = True
+        _warn_unapplied(self, sampling_metadata)
         confidence = model.confidence(hidden_states)
         tau = _batch_tau(self, draft.shape[0], draft.device)
         # τ < 0 commits every draft; τ >= 1 none (even where sigmoid saturates to 1.0), as `generate`.
         commit = (tau < 0) | ((tau < 1) & (confidence >= tau))
         return torch.where(commit, draft, torch.full_like(draft, model.pad_token_id)), None
 
+    @functools.wraps(propose)
+    def pipo_propose(self, *args, **kwargs):
+        skipped = skip_drafter(self, *args, **kwargs)
+        return skipped if skipped is not None else propose(self, *args, **kwargs)
+
     SpecDecodeBaseProposer.__init__ = __init__
     SpecDecodeBaseProposer._sample_draft_tokens = _sample_draft_tokens
+    SpecDecodeBaseProposer.propose = pipo_propose
+
+
+def skip_drafter(proposer, num_speculative_tokens: int, *args, **kwargs) -> torch.Tensor | None:
+    """All-PAD drafts, without running the drafter, when every request of the batch has τ >= 1 (none of them can ever
+    commit a draft, so their MTP cache is never read: `generate` skips the MTP phase at τ >= 1); else None (the
+    drafter runs). Takes `SpecDecodeBaseProposer.propose`'s arguments."""
+    model = proposer.model
+    if not getattr(model, "is_pipo_drafter", False) or num_speculative_tokens <= 0:
+        return None
+    metadata = kwargs["common_attn_metadata"] if "common_attn_metadata" in kwargs else args[5]
+    next_token_ids = kwargs["next_token_ids"] if "next_token_ids" in kwargs else args[3]
+    batch = metadata.batch_size()
+    if not bool((_batch_tau(proposer, batch, next_token_ids.device) >= 1).all()):
+        return None
+    proposer.num_speculative_tokens = num_speculative_tokens
+    proposer._last_draft_probs = None
+    return torch.full((batch, num_speculative_tokens), model.pad_token_id, dtype=torch.int64,
+                      device=next_token_ids.device)
+
+
+def _builtin_processors(metadata) -> tuple[list, list]:
+    """vLLM's built-in logits processors of the batch, split as its sampler applies them: (logit bias and min-tokens,
+    which act before the penalties; min-p, which acts after the temperature). Hook 9 loads them for PIPO; custom
+    processors are refused by vLLM with any speculative config."""
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinPLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
+
+    procs = getattr(metadata, "logitsprocs", None)
+    if procs is None:
+        return [], []
+    before = [p for p in procs.non_argmax_invariant
+              if isinstance(p, (LogitBiasLogitsProcessor, MinTokensLogitsProcessor))]
+    after = [p for p in procs.argmax_invariant if isinstance(p, MinPLogitsProcessor)]
+    return before, after
 
 
 def sample_draft(logits: torch.Tensor, metadata) -> torch.Tensor:
-    """token2 from the drafter's logits with the request's temperature, top-k and top-p, drawn from the request's own
-    generator when it has a seed (vLLM's drafter uses temperature only and the global RNG). Greedy rows: argmax."""
-    greedy = logits.argmax(dim=-1)
+    """token2 from the drafter's logits with the request's sampling parameters, in the order of vLLM's `Sampler`
+    (so token2 means what token1 means): allowed-token mask, logit bias and min-tokens, presence/frequency/repetition
+    penalties (`apply_all_penalties` over the prompt and the output so far, which at draft time already ends with
+    this step's token1), then greedy rows take the argmax; the others get temperature, min-p, top-k, top-p and a draw
+    from the request's own generator when it has a seed (vLLM's drafter uses temperature only and the global RNG).
+
+    Not applied: bad words (`_warn_unapplied` says so)."""
+    rows = logits.shape[0]
+    scores = logits.float().clone()  # the processors below write in place
+    before, after = _builtin_processors(metadata)
+    batch = metadata.frequency_penalties.shape[0]  # one entry per request of the batch
+    if (before or after or not metadata.no_penalties) and rows != batch:
+        raise RuntimeError(f"PIPO drafter sampled {rows} rows for a batch of {batch} requests; the per-request "
+                           f"sampling state would not line up.")
+    mask = getattr(metadata, "allowed_token_ids_mask", None)
+    if mask is not None:
+        scores.masked_fill_(mask[:rows], -float("inf"))
+    for proc in before:
+        scores = proc.apply(scores)
+    if not metadata.no_penalties:
+        from vllm.v1.sample.ops.penalties import apply_all_penalties
+
+        scores = apply_all_penalties(scores, metadata.prompt_token_ids, metadata.presence_penalties,
+                                     metadata.frequency_penalties, metadata.repetition_penalties,
+                                     metadata.output_token_ids)
+    greedy = scores.argmax(dim=-1)
     if metadata.all_greedy:
         return greedy
-    rows = logits.shape[0]
-    temperature = metadata.temperature[:rows].to(logits.dtype)
-    is_greedy = temperature <= 0
-    scores = logits.float() / torch.where(is_greedy, torch.ones_like(temperature), temperature).unsqueeze(1).float()
+    temperature = metadata.temperature[:rows].float()
+    is_greedy = temperature < _SAMPLING_EPS
+    scores = scores / torch.where(is_greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
+    for proc in after:
+        scores = proc.apply(scores)
     if metadata.top_k is not None:
         k = metadata.top_k[:rows].long().clamp(1, scores.shape[1])
         kth = scores.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
@@ -309,6 +380,14 @@ def sample_draft(logits: torch.Tensor, metadata) -> torch.Tensor:
         race[row].exponential_(generator=generator) if generator is not None else race[row].exponential_()
     sampled = (probs / race).argmax(dim=-1)  # exponential race: an exact draw from `probs`
     return torch.where(is_greedy, greedy, sampled)
+
+
+def _warn_unapplied(proposer, metadata) -> None:
+    """Warn once per engine when a batch uses a sampling feature token2 does not get (token1 gets it): bad words."""
+    if getattr(metadata, "bad_words_token_ids", None) and not getattr(proposer, "_pipo_warned_sampling", False):
+        logger.warning("PIPO serving: bad_words apply to token1 only; the drafted token2 is sampled without them "
+                       "(docs/SERVING.md section 4).")
+        proposer._pipo_warned_sampling = True
 
 
 def _batch_tau(proposer, rows: int, device) -> torch.Tensor:
@@ -343,6 +422,43 @@ def _patch_runner_choice():
     VllmConfig._get_v2_model_runner_unsupported_features = _get_v2_model_runner_unsupported_features
 
 
+# -- 9. min-p and logit bias accepted ---------------------------------------------------------------------------------
+
+
+def _is_pipo_speculation(speculative_config) -> bool:
+    target = getattr(speculative_config, "target_model_config", None)
+    return getattr(getattr(target, "hf_config", None), "model_type", None) == "pipo"
+
+
+def _patch_logitsprocs():
+    from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS, LogitsProcessors
+    from vllm.v1.worker import gpu_model_runner as module
+
+    original = module.build_logitsprocs
+
+    @functools.wraps(original)
+    def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs=()):
+        if pipo_pad_id(vllm_config) is not None and not is_pooling_model and not custom_logitsprocs:
+            return LogitsProcessors(ctor(vllm_config, device, is_pin_memory) for ctor in BUILTIN_LOGITS_PROCESSORS)
+        return original(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs)
+
+    module.build_logitsprocs = build_logitsprocs
+
+
+def _patch_sampling_params():
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._validate_spec_decode
+
+    @functools.wraps(original)
+    def _validate_spec_decode(self, speculative_config):
+        if speculative_config is not None and _is_pipo_speculation(speculative_config):
+            return  # accept-all: no verification that would ignore min-p / logit bias
+        return original(self, speculative_config)
+
+    SamplingParams._validate_spec_decode = _validate_spec_decode
+
+
 def install() -> None:
     """Install every hook once per process."""
     global _INSTALLED
@@ -355,4 +471,6 @@ def install() -> None:
     _patch_rejection_sampler()
     _patch_proposer()
     _patch_runner_choice()
+    _patch_sampling_params()
+    _patch_logitsprocs()
     _INSTALLED = True
