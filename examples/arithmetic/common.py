@@ -68,6 +68,8 @@ class PipelineConfig:
     # "teacher": correct temperature-1.0 teacher samples; "reference": the reference chain of thought of the same
     # prompts (what a correct teacher sample of this deterministic format is), so SFT need not wait for the teacher
     sft_data: str = "reference"
+    # PIPO conversion: the pair compressor (`PipoConfig.compressor_type`: "mlp", "linear" or "gated")
+    compressor_type: str = "mlp"
     # PIPO SFT / OPD
     sft_steps: int = 700
     sft_batch_size: int = 16

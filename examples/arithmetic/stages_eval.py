@@ -669,7 +669,8 @@ def stage_report(cfg: PipelineConfig) -> dict:
          f"the same text; mean {st['mean_response_tokens']:.1f} tokens." if st.get("sft_data") == "reference" else
          f"- Teacher trajectories: {st['sampled']} samples at temperature 1.0 on train prompts, {st['kept']} correct "
          f"kept ({100 * st['teacher_sample_accuracy']:.1f}%), mean {st['mean_response_tokens']:.1f} tokens."),
-        "- Conversion: `PipoForCausalLM.from_backbone(student_base, tokenizer=tok)` (MLP compressor, MTP layer "
+        f"- Conversion: `PipoForCausalLM.from_backbone(student_base, tokenizer=tok)` ({c.get('compressor_type', 'mlp')} "
+        "compressor, MTP layer "
         "copied from the last backbone layer, the tokenizer's dedicated `<pad>` is the PIPO PAD).",
         f"- MTP row: `PipoSFTTrainer(train_mode='heads')`, {c['mtp_only_steps']} steps: only compressor, MTP head "
         "and confidence head train, the backbone is the token-level student; decoded with τ < 0 (every draft "

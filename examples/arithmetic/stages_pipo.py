@@ -33,7 +33,8 @@ def stage_convert(cfg: PipelineConfig) -> dict:
     tok = load_tokenizer(cfg)
     base = load_model(cfg.path("models", "student_base"))
     pad_before = tok.pad_token_id
-    model = PipoForCausalLM.from_backbone(base, tokenizer=tok, compressor_type="mlp", pipo_confidence_threshold=0.5)
+    model = PipoForCausalLM.from_backbone(base, tokenizer=tok, compressor_type=cfg.compressor_type,
+                                           pipo_confidence_threshold=0.5)
     if tok.pad_token_id != pad_before:
         raise RuntimeError("the task tokenizer has a dedicated PAD; from_backbone should not have added one")
     _finalise(model, tok, cfg, cfg.path("models", "pipo_converted"), 0.5)
