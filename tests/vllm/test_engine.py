@@ -181,23 +181,13 @@ def test_seeded_sampling_agrees_in_distribution(qwen3):
     again = llm.generate([{"prompt_token_ids": prompt}] * 3, params[:3], use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in again] == pairs[:3]  # seeded
 
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        positions = torch.arange(len(prompt) // 2).unsqueeze(0)
-        hidden = model.run_backbone(model.embed_pairs(ids), None, positions)
-        logits1 = model.lm_head(hidden[:, -1])[0].float()
-        logits1[PAD_ID] = -float("inf")
-        p1 = torch.softmax(logits1, -1)
-        first = [p[0] for p in pairs]
-        top = max(set(first), key=first.count)
-        tokens_in = torch.cat([ids[:, 2::2], torch.tensor([[top]])], dim=1)
-        m = model.run_mtp(tokens_in, hidden, None, positions)
-        logits2 = model.lm_head(m[:, -1])[0].float()
-        logits2[PAD_ID] = -float("inf")
-        p2 = torch.softmax(logits2, -1)
+    p1 = _target_distribution(model, prompt)
+    first = [p[0] for p in pairs]
+    top = max(set(first), key=first.count)
+    p2 = _draft_distribution(model, prompt, top)
     second = [p[1] for p in pairs if p[0] == top]
     tv1, tv2 = _tv(first, p1), _tv(second, p2)
-    wrong = torch.softmax(logits1 / 0.5, -1)  # a distribution the check must tell apart
+    wrong = p1 ** 2 / (p1 ** 2).sum()  # temperature 0.5: a distribution the check must tell apart
     print(f"TV token1 {tv1:.3f} (vs temperature 0.5: {_tv(first, wrong):.3f}); TV token2 {tv2:.3f} "
           f"over {len(second)} samples")
     assert tv1 < 0.08 and _tv(first, wrong) > 0.15
