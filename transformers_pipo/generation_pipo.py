@@ -617,8 +617,8 @@ def _decode_grad_mode(cache, mtp_cache, compiled, synced_gpus: bool):
 
     Eager decoding of a small backbone is bound by per-op overhead, which inference mode trims (no version counters
     or view tracking; DESIGN §3.8). It is used only where every tensor it creates is new to this call: dynamic
-    caches built here or passed in empty (so the caches and scores returned hold inference tensors: clone them
-    before using them in autograd). Static caches outlive the call (kept and reset in place by later calls, and
+    caches built here or passed in empty (so the two caches returned hold inference tensors: clone them before
+    using them in autograd). Static caches outlive the call (kept and reset in place by later calls, and
     shared with the compiled step) and FSDP gathers parameters in place, so those paths keep `no_grad`.
     """
     if compiled is not None or synced_gpus:
