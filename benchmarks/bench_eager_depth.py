@@ -3,7 +3,8 @@
 For each depth, a random Qwen3 backbone with the embedded arithmetic student's width, heads and vocabulary is decoded
 regularly (transformers' `generate`, dynamic cache) and as a freshly converted PIPO model (`from_backbone`, the
 same compressor as the demo) at τ<0, on the demo's held-out prompts, interleaved per prompt. EOS is off, so both
-sides emit exactly `--new-tokens` tokens; TPOT = (total − TTFT) / (tokens − 1), as in the arithmetic `speed` stage.
+sides emit exactly `--new-tokens` tokens; timed by the arithmetic `speed` stage's own function (`time_side_by_side`:
+TPOT = (total − TTFT) / (tokens − 1), under `torch.inference_mode()`).
 
 Eager decoding of a model this small is bound by per-op overhead: a PIPO step carries a fixed set of extra ops
 (compressor, MTP extras, confidence head, second LM head) besides its MTP decoder layer, so the ratio grows with
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from tqdm.auto import tqdm
+
+from examples.arithmetic.stages_eval import time_side_by_side
+from examples.arithmetic.task import Problem
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,31 +55,13 @@ def _models(template, tok, layers: int):
     return regular, pipo
 
 
-def _decode_seconds(model, enc, new_tokens: int, pad: int, extra: dict) -> float:
-    """Decode time after the first token: one full generation minus a one-token one."""
-    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=pad, **extra)
-    start = time.perf_counter()
-    model.generate(**enc, max_new_tokens=1, **kwargs)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(**enc, max_new_tokens=new_tokens, **kwargs)
-    return time.perf_counter() - start - ttft
-
-
-@torch.inference_mode()
-def measure(layers: int, template, tok, prompts: list[str], new_tokens: int, reps: int) -> dict:
+def measure(layers: int, template, tok, problems, new_tokens: int, reps: int) -> dict:
+    """Regular vs PIPO (τ<0) TPOT of a random backbone of `layers` layers, timed as the arithmetic `speed` stage
+    times (`time_side_by_side`), with EOS off so every generation emits `new_tokens` tokens."""
     regular, pipo = _models(template, tok, layers)
-    sides = {"regular": (regular, {}), "pipo": (pipo, {"pipo_confidence_threshold": -1.0})}
-    encs = [tok(p, return_tensors="pt", add_special_tokens=False) for p in prompts]
-    for model, extra in sides.values():  # warm-up (the PIPO lean-step probe runs here)
-        _decode_seconds(model, encs[0], new_tokens, tok.pad_token_id, extra)
-    seconds = dict.fromkeys(sides, 0.0)
-    for _ in range(reps):
-        for enc in tqdm(encs, desc=f"{layers} layers", unit="prompt", leave=False):
-            for key, (model, extra) in sides.items():
-                seconds[key] += _decode_seconds(model, enc, new_tokens, tok.pad_token_id, extra)
-    tokens = reps * len(encs) * (new_tokens - 1)
-    tpot = {key: 1000 * s / tokens for key, s in seconds.items()}
+    timing = time_side_by_side({"regular": (regular, None), "pipo": (pipo, -1.0)}, tok, problems, new_tokens,
+                               reps=reps, extra={"eos_token_id": None})
+    tpot = {key: t["tpot_ms"] for key, t in timing.items()}
     return {"layers": layers, "regular_tpot_ms": tpot["regular"], "pipo_tpot_ms": tpot["pipo"],
             "tpot_ratio": tpot["regular"] / tpot["pipo"]}
 
@@ -90,8 +75,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(demo.BASE_MODEL_DIR)
     template = AutoModelForCausalLM.from_pretrained(demo.BASE_MODEL_DIR)
-    prompts = [f"Q: {e}\nA:" for e in demo.held_out_problems()[: args.problems]]
-    rows = [measure(n, template, tok, prompts, args.new_tokens, args.reps) for n in args.layers]
+    problems = [Problem(e, demo.evaluate(e)) for e in demo.held_out_problems()[: args.problems]]
+    rows = [measure(n, template, tok, problems, args.new_tokens, args.reps) for n in tqdm(args.layers, unit="depth")]
     print(f"random Qwen3 backbones ({template.config.hidden_size} wide), batch 1 greedy, PIPO tau<0, "
           f"{args.problems} prompts x {args.reps} passes, {args.new_tokens} new tokens, eager, dynamic cache")
     print(f"{'layers':>6}  {'regular TPOT ms':>15}  {'PIPO TPOT ms':>12}  {'ratio':>6}")

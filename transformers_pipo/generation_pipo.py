@@ -391,7 +391,7 @@ def pipo_generate(
         streamer.put(input_ids.cpu())
 
     if synced_gpus or not bool(state.finished.all()):
-        with _decode_grad_mode(cache, mtp_cache, compiled, synced_gpus), _gathered_root_params(model, synced_gpus):
+        with _decode_grad_mode(cache, mtp_cache, synced_gpus), _gathered_root_params(model, synced_gpus):
             _decode(model, state, cache, mtp_cache, tau, run_mtp, compiled, synced_gpus)
     if streamer is not None:
         streamer.end()
@@ -612,18 +612,17 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
             token2 = state.token2(None, None, tau)
 
 
-def _decode_grad_mode(cache, mtp_cache, compiled, synced_gpus: bool):
+def _decode_grad_mode(cache, mtp_cache, synced_gpus: bool):
     """`torch.inference_mode()` for eager decoding over dynamic caches, else `torch.no_grad()`.
 
     Eager decoding of a small backbone is bound by per-op overhead, which inference mode trims (no version counters
     or view tracking; DESIGN §3.8). It is used only where every tensor it creates is new to this call: dynamic
     caches built here or passed in empty (so the two caches returned hold inference tensors: clone them before
     using them in autograd). Static caches outlive the call (kept and reset in place by later calls, and
-    shared with the compiled step) and FSDP gathers parameters in place, so those paths keep `no_grad`.
+    shared with the compiled step, which only static caches get) and FSDP gathers parameters in place, so those paths
+    keep `no_grad`.
     """
-    if compiled is not None or synced_gpus:
-        return torch.no_grad()
-    if not all(c is None or _is_dynamic(c) for c in (cache, mtp_cache)):
+    if synced_gpus or not all(c is None or _is_dynamic(c) for c in (cache, mtp_cache)):
         return torch.no_grad()
     return torch.inference_mode()
 

@@ -92,9 +92,10 @@ def _accuracy(correct: list[list[bool]]) -> tuple[float, float]:
 
 @torch.inference_mode()
 def _time_one(model, tok, prompt: str, max_new_tokens: int, tau, extra: dict | None = None) -> tuple[float, float, int]:
-    """(TTFT seconds, total seconds, real tokens) of one greedy batch-1 generation (`extra`: more generate kwargs)."""
+    """(TTFT seconds, total seconds, real tokens) of one greedy batch-1 generation (`extra`: more generate kwargs,
+    which may override the defaults, e.g. `eos_token_id=None` for fixed-length timing)."""
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    kwargs = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **(extra or {}))
+    kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, **(extra or {})}
     if _is_pipo(model):
         kwargs["pipo_confidence_threshold"] = tau
     t0 = time.perf_counter()
@@ -104,7 +105,8 @@ def _time_one(model, tok, prompt: str, max_new_tokens: int, tau, extra: dict | N
     out = model.generate(**enc, max_new_tokens=max_new_tokens, **kwargs)
     total = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1]:].tolist()
-    n = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
+    eos = kwargs["eos_token_id"]
+    n = new.index(eos) + 1 if eos is not None and eos in new else len(new)
     return ttft, total, sum(1 for t in new[:n] if t != tok.pad_token_id)
 
 
