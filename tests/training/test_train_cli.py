@@ -295,15 +295,16 @@ def test_accelerate_config_cpu_with_two_processes(tmp_path):
     (tmp_path / "who.py").write_text(
         # cpu=True as in a Trainer run with --use_cpu true
         "from accelerate import PartialState\nimport torch.distributed as dist\ns = PartialState(cpu=True)\n"
-        "print(f'RANK {s.process_index} OF {s.num_processes} {dist.get_backend() if dist.is_initialized() else None}')\n"
+        "from pathlib import Path\n"
+        "Path(f'rank{s.process_index}.txt').write_text(\n"
+        "    f'{s.process_index} {s.num_processes} {dist.get_backend() if dist.is_initialized() else None}')\n"
     )
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(tmp_path / "cpu2.yaml"), str(tmp_path / "who.py")], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import re
-
-    ranks = sorted(re.findall(r"RANK (\d+) OF (\d+) (\w+)", proc.stdout))  # the two processes' lines may interleave
+    # one file per rank: the two processes' stdout lines may interleave mid-line
+    ranks = sorted(tuple(f.read_text().split()) for f in tmp_path.glob("rank*.txt"))
     assert ranks == [("0", "2", "gloo"), ("1", "2", "gloo")], proc.stdout
 
 
