@@ -85,6 +85,13 @@ def _outputs(model, **kwargs):
                           **kwargs)
 
 
+def _idle_last_step(out) -> int:
+    """1 when every row still running in the last step stopped on its token1 there (an odd slot count), so that
+    the step's MTP phase was skipped (CPU), else 0."""
+    last = out.decode_steps == out.backbone_forwards
+    return int(bool((out.pipo_slot_lengths[last] % 2 == 1).all()))
+
+
 def _assert_identical(a, b):
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.pipo_slot_ids, b.pipo_slot_ids) and torch.equal(a.pipo_slot_lengths, b.pipo_slot_lengths)
@@ -187,7 +194,8 @@ def test_mtp_step_reuses_the_backbone_rotary_embedding(family, tau, monkeypatch)
     calls["n"] = 0
     fresh = _outputs(model, pipo_confidence_threshold=tau, input_ids=ids, attention_mask=mask)
     if rotary is not None and family in LEAN_FAMILIES:
-        assert calls["n"] == fresh.backbone_forwards  # prefill + one per decode step
+        # prefill + one per decode step, but for a last step after whose token1 no row may draft (skipped on CPU)
+        assert calls["n"] == fresh.backbone_forwards - _idle_last_step(fresh)
     _assert_identical(shared, fresh)
 
 
@@ -213,3 +221,64 @@ def test_mtp_step_recomputes_rope_for_other_positions():
     shifted = mtp_after_backbone(lambda p: p + 1)
     assert torch.equal(same, equal_copy)
     assert not torch.equal(same, shifted)
+
+
+@pytest.mark.parametrize("new_tokens, mtp_steps", [(5, 2), (6, 3)])
+def test_idle_last_mtp_phase_is_skipped_on_cpu(new_tokens, mtp_steps, monkeypatch):
+    """τ<0: the prefill emits 2 tokens and each step 2 more. With 5 new tokens the second step's token1 spends the
+    budget, so no row may draft and its MTP phase is skipped (2 MTP runs for 3 backbone runs); with 6 it runs.
+    Either way the outputs are bitwise those of running every MTP phase (the skip disabled, as off CPU)."""
+    from transformers_pipo import generation_pipo
+
+    model = tiny_pipo("qwen3")
+    ids = torch.randint(3, PAD_ID, (2, 6), generator=torch.Generator().manual_seed(4))
+    calls = {"n": 0}
+    model.mtp.decoder_layer().register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+
+    def run():
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                              pipo_confidence_threshold=-1.0, return_dict_in_generate=True)
+
+    skipped = run()
+    assert skipped.backbone_forwards == 3 and calls["n"] == mtp_steps
+    assert skipped.sequences.shape[1] == ids.shape[1] + new_tokens
+    monkeypatch.setattr(generation_pipo, "_SYNC_FREE_DEVICES", frozenset())
+    calls["n"] = 0
+    every = run()
+    assert calls["n"] == 3
+    _assert_identical(skipped, every)
+
+
+def test_decode_norm_fuses_plain_rms_norms_only(family):
+    """`decode_norm` takes `F.rms_norm` for a plain `w * x / rms(x)` norm with bitwise the module's output, and the
+    module's own forward for every other form (zero-centred `(1 + w)`, LayerNorm), under grad, or with hooks."""
+    import torch.nn.functional as F
+
+    from transformers_pipo.modeling_pipo import _FUSED_NORM_KEY, decode_norm, norm_style_of
+
+    model = tiny_pipo(family)
+    norm = model.mtp.pre_fc_norm_hidden
+    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, norm.weight.shape[0], generator=torch.Generator().manual_seed(1)) * 4
+    plain = norm_style_of(model.model.backbone.norm if hasattr(model.model.backbone, "norm") else norm) == "w"
+    fused = {"n": 0}
+    original = F.rms_norm
+
+    def counting(*args, **kwargs):
+        fused["n"] += 1
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "rms_norm", counting)
+        with torch.no_grad():
+            decode_norm(norm, x)  # decides once (the probe may call F.rms_norm itself)
+            assert (norm.__dict__[_FUSED_NORM_KEY][(x.dtype, x.device)] is not False) == plain
+            fused["n"] = 0
+            assert torch.equal(decode_norm(norm, x), norm(x))
+            assert fused["n"] == int(plain)
+            handle = norm.register_forward_hook(lambda *_: None)
+            assert torch.equal(decode_norm(norm, x), norm(x))
+            handle.remove()
+            assert fused["n"] == int(plain)  # a hooked module runs its own forward
+        assert torch.equal(decode_norm(norm, x), norm(x))
+        assert fused["n"] == int(plain)  # grad enabled: the module's forward

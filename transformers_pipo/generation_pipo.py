@@ -182,11 +182,13 @@ class _PipoDecodeState:
         self.seq = _left_pad(rows, self.pad)
         self.prompt_rows = [torch.cat([r, r.new_full((1,), self.pad)]) if r.numel() % 2 else r for r in rows]
 
-        # One spare column each: a row writes at its current length, which never passes the budget (`generated`) or
-        # twice the budget (`slots`), so the spare column is never real and writes need no clamping.
+        # One spare column: a row writes at its current length, which never passes twice the budget, so the spare
+        # column is never real and writes need no clamping.
         cap = 2 * (self.budget + 1)
         long = dict(dtype=torch.long, device=self.device)
-        self.generated = torch.full((self.batch, self.budget + 1), self.out_pad, **long)
+        # Emitted tokens are laid out once, in `sequences` (a per-emission scatter would cost four ops twice a step):
+        # each entry is (tokens [B], emitted [B]), both fresh tensors that nothing writes to afterwards.
+        self.emissions: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.gen_len = torch.zeros(self.batch, **long)
         self.slots = torch.full((self.batch, cap), self.pad, **long)
         self.slot_len = torch.zeros(self.batch, **long)
@@ -208,6 +210,8 @@ class _PipoDecodeState:
         active1 = ~self.finished
         if self.track:
             self.steps += active1
+        if chosen is not None:  # a compiled step's output buffer, which its next replay overwrites
+            chosen = chosen.clone()
         token1, scores1 = self._choose(raw1, chosen)
         self._emit(token1, active1, scores1, raw1)
         self._record_slot(token1, active1)
@@ -269,8 +273,7 @@ class _PipoDecodeState:
         if self.want_scores or self.want_logits:
             # Copies: a CUDA-graph step reuses its output buffers on the next replay.
             self.events.append((self.gen_len.clone(), active.clone(), scores, raw_logits.clone()))
-        # Inactive rows rewrite their first free column with the output PAD it already holds.
-        self.generated.scatter_(1, self.gen_len.unsqueeze(1), torch.where(active, tokens, self.out_pad).unsqueeze(1))
+        self.emissions.append((tokens, active))
         self.gen_len += active
         stop = self.gen_len >= self.budget
         if self.eos is not None:
@@ -301,8 +304,16 @@ class _PipoDecodeState:
     # -- results ------------------------------------------------------------------------------------------------------
 
     def sequences(self, input_ids) -> torch.LongTensor:
+        """The prompt followed by each row's emitted tokens, right-padded with the output PAD."""
         width = int(self.gen_len.max()) if self.batch else 0
-        return torch.cat([input_ids, self.generated[:, :width]], dim=1)
+        generated = torch.full((self.batch, width + 1), self.out_pad, dtype=torch.long, device=self.device)
+        if width:
+            tokens = torch.stack([t.to(self.device) for t, _ in self.emissions], dim=1)
+            emitted = torch.stack([a.to(self.device) for _, a in self.emissions], dim=1)
+            # an emission lands at its row's running count; the others all go to the spare last column
+            column = torch.where(emitted, emitted.long().cumsum(1) - 1, width)
+            generated.scatter_(1, column, torch.where(emitted, tokens, self.out_pad))
+        return torch.cat([input_ids, generated[:, :width]], dim=1)
 
     def per_token(self, which: int) -> tuple[torch.Tensor, ...] | None:
         """Scores (which=2) or raw logits (which=3) indexed by generated-token position."""
@@ -551,6 +562,10 @@ def _phase2(model, token1: torch.LongTensor, h_last: torch.Tensor, mask, positio
     return confidence, model.lm_head(m_last)[:, 0]
 
 
+# Devices whose tensors the host reads without a device synchronisation, so a step may look at a flag mid-step.
+_SYNC_FREE_DEVICES = frozenset({"cpu"})
+
+
 def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mtp: bool, compiled,
             synced_gpus: bool = False) -> None:
     """Prefill (eager) then the decode loop: phase 1 and phase 2 per step, one stop check per step.
@@ -572,6 +587,10 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
         fused = None  # the host (processors, sampling) acts between the phases: two graphs
     if run_mtp:
         model.mtp.uses_lean_step()  # resolved once, eagerly: the compiled phase 2 then only reads a cached flag
+    # A step after whose token1 no row may draft (each stopped at EOS or its budget: the last step) skips the MTP
+    # phase where reading that flag costs no device sync (CPU). Elsewhere the phase runs masked, keeping one sync per
+    # step. Under synced_gpus every rank runs every phase.
+    skip_idle_phase2 = run_mtp and device.type in _SYNC_FREE_DEVICES and not synced_gpus
 
     # -- prefill (eager): backbone over the prompt latents, MTP teacher-forced over the prompt + token1 ----------
     hidden = model.run_backbone(model.embed_pairs(prompt), masks.backbone, positions, cache=cache, use_cache=True)
@@ -605,7 +624,8 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
         h_last, raw1 = phase1(model, pair, masks.backbone, position, cache)
         state.backbone_forwards += 1 if not state.done_locally else 0
         token1 = state.token1(raw1)
-        if run_mtp:  # rows that stopped on token1 are masked out of the update (no sync to skip the phase)
+        # rows that stopped on token1 are masked out of the update
+        if run_mtp and not (skip_idle_phase2 and not bool(state.active2.any())):
             confidence, raw2 = phase2(model, token1, h_last, masks.mtp, position, mtp_cache)
             token2 = state.token2(raw2, confidence, tau)
         else:

@@ -237,6 +237,51 @@ def norm_style_of(template: nn.Module) -> str:
     return "one_plus_w" if bool(out.abs().sum() > 0) else "w"
 
 
+_FUSED_NORM_KEY = "_pipo_fused_norm"  # on a norm's __dict__: {(dtype, device): eps, or False when not fusable}
+# torch's global module hooks (`register_module_forward_(pre_)hook`), which a direct `F.rms_norm` call would skip
+_GLOBAL_FORWARD_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+
+
+def decode_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` in a no-grad eager decode step, as one `F.rms_norm` call where that is bitwise the module's result.
+
+    A plain RMSNorm (`w * x / rms(x)`, the Llama/Qwen form) runs about seven ops and three module-level Python
+    frames per call; at batch 1 that overhead is the cost. Whether `F.rms_norm` gives bitwise the module's output is
+    checked once per module, dtype and device on a probe (a zero-centred `(1 + w)` norm, a LayerNorm or any other
+    form fails it and keeps its own forward). Modules with hooks (device maps, offloading) and grad-enabled or
+    compiled calls always take the module's forward.
+    """
+    if (torch.is_grad_enabled() or norm._forward_hooks or norm._forward_pre_hooks or _GLOBAL_FORWARD_HOOKS[0]
+            or _GLOBAL_FORWARD_HOOKS[1] or torch.compiler.is_compiling()):
+        return norm(x)
+    decided = norm.__dict__.get(_FUSED_NORM_KEY)
+    if decided is None:
+        decided = norm.__dict__[_FUSED_NORM_KEY] = {}
+    key = (x.dtype, x.device)
+    eps = decided.get(key)
+    if eps is None:
+        eps = decided[key] = _fused_norm_eps(norm, x)
+    if eps is False:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+
+
+def _fused_norm_eps(norm: nn.Module, x: torch.Tensor) -> float | bool:
+    """The epsilon with which `F.rms_norm` reproduces `norm` bitwise on a probe in `x`'s dtype and device, else
+    False."""
+    eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps", "epsilon")
+                if isinstance(getattr(norm, a, None), float)), None)
+    weight = getattr(norm, "weight", None)
+    size = x.shape[-1]
+    if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != size or \
+            weight.device != x.device or weight.device.type == "meta":
+        return False
+    # rows of different scales (tiny, unit, large), so an epsilon or a mean-centring difference shows
+    base = torch.sin(torch.arange(3 * size, device=x.device, dtype=torch.float32) * 0.61 + 0.3).reshape(3, size)
+    probe = (base * torch.tensor([[1e-3], [1.0], [30.0]], device=x.device)).to(x.dtype)
+    return eps if torch.equal(norm(probe), F.rms_norm(probe, (size,), weight, eps)) else False
+
+
 def _decoder_layers(body: nn.Module, num_layers: int) -> nn.ModuleList:
     for child in body.children():
         if isinstance(child, nn.ModuleList) and len(child) == num_layers:
@@ -300,7 +345,10 @@ class PipoMTPHead(nn.Module):
         return self
 
     def decoder_layer(self) -> nn.Module:
-        return _decoder_layers(self, 1)[0]
+        layers = self.__dict__.get("_layer_list")  # found once (a search over children each decode step shows)
+        if layers is None:
+            layers = self.__dict__["_layer_list"] = _decoder_layers(self, 1)
+        return layers[0]
 
     def init_fc(self, scheme: str) -> None:
         if scheme == "random":
@@ -350,7 +398,8 @@ class PipoMTPHead(nn.Module):
         """
         if not self.uses_lean_step():
             return self.forward(token1_embeds, hidden, attention_mask, position_ids, cache=cache, use_cache=True)
-        u = self.fc(torch.cat([self.pre_fc_norm_embedding(token1_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        u = self.fc(torch.cat([decode_norm(self.pre_fc_norm_embedding, token1_embeds),
+                               decode_norm(self.pre_fc_norm_hidden, hidden)], dim=-1))
         mask = decode_causal_mask(config=self.body_config, inputs_embeds=u, attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)
         if position_embeddings is None or position_embeddings[0].dtype != u.dtype or \
@@ -358,7 +407,7 @@ class PipoMTPHead(nn.Module):
             position_embeddings = self.rotary_emb(u, position_ids)
         out = self.decoder_layer()(u, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
                                    position_embeddings=position_embeddings)
-        return self.norm(out)
+        return decode_norm(self.norm, out)
 
     def uses_lean_step(self) -> bool:
         """Whether `decode_step` calls the layer directly (rotary bodies) or the full one-layer forward."""
@@ -389,7 +438,7 @@ class PipoConfidenceHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mtp_hidden: torch.Tensor) -> torch.Tensor:
         x = torch.cat([hidden, mtp_hidden], dim=-1).to(self.fc1.weight.dtype)
-        return self.fc2(self.act(self.fc1(self.norm(x)))).squeeze(-1)
+        return self.fc2(self.act(self.fc1(decode_norm(self.norm, x)))).squeeze(-1)  # norm(x) outside decoding
 
 
 def _token_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
@@ -1217,7 +1266,7 @@ def lean_decode_step(
     for layer, kind in zip(getattr(body, plan.layers_attr), plan.mask_kinds):
         hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
                        position_ids=position_ids, cache=cache, use_cache=True)
-    return body.norm(hidden)
+    return decode_norm(body.norm, hidden)
 
 
 # (attention implementation, is_causal) -> True once `create_causal_mask` returned None for one unpadded query on a
