@@ -38,8 +38,10 @@ class PipelineConfig:
     # trained further on other problems (`teacher_init="student_base"`), so it is clearly stronger: the budget did
     # not allow a larger teacher from scratch (a 192×6 one ran at 5-6 s/step on the shared machine, see
     # results_notes.md). `teacher_init="scratch"` trains it from scratch instead.
-    teacher: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4, 2, 384))
-    student: ModelSize = field(default_factory=lambda: ModelSize(128, 4, 4, 2, 384))
+    # Six layers: an eager PIPO step adds one decoder layer (the MTP head) and small heads to the backbone's layers,
+    # so a deeper backbone gains more per step (4 layers gave 1.46-1.52x eager; results_notes.md, run 3).
+    teacher: ModelSize = field(default_factory=lambda: ModelSize(128, 6, 4, 2, 384))
+    student: ModelSize = field(default_factory=lambda: ModelSize(128, 6, 4, 2, 384))
     teacher_init: str = "student_base"
     teacher_steps: int = 350
     teacher_lr: float = 1e-3
@@ -52,8 +54,9 @@ class PipelineConfig:
     student_steps: int = 1200
     student_data_start: int = 60_000
     # The base continued at a lower rate on problems nobody else reads (between the teacher's and the student's
-    # slices); its loss was still falling when the first schedule ended. 0 = no continuation.
-    student_more_steps: int = 150
+    # slices); its loss was still falling when the first schedule ended. 0 = no continuation. The length sets how
+    # strong the base is: 900 steps gave 69% greedy (the target range: clearly below the teacher, above 50%).
+    student_more_steps: int = 900
     student_more_lr: float = 5e-4
     student_more_start: int = 20_000
     student_init_seed: int = 2
@@ -89,7 +92,7 @@ class PipelineConfig:
     eval_batch_size: int = 500
     thresholds: tuple[float, ...] = (-1.0, 0.5, 0.7, 0.9, 1.0)
     n_timing: int = 12
-    speed_reps: int = 4  # interleaved passes over the timing problems in the `speed` stage (ratios vary ±0.05 at 2)
+    speed_reps: int = 8  # interleaved passes over the timing problems in the `speed` stage (ratios vary ±0.05 at 2)
     # keys of stages_eval.SPEED_MODES measured by the `speed` stage: both sides eager, and both static + compiled
     speed_modes: tuple[str, ...] = ("eager", "static_compiled")
     shipped_threshold: float | None = None  # None: chosen from the sweep on the validation split
