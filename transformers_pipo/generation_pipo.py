@@ -182,8 +182,8 @@ class _PipoDecodeState:
         self.seq = _left_pad(rows, self.pad)
         self.prompt_rows = [torch.cat([r, r.new_full((1,), self.pad)]) if r.numel() % 2 else r for r in rows]
 
-        # One spare column: a row writes at its current length, which never passes twice the budget, so the spare
-        # column is never real and writes need no clamping.
+        # `slots` has one spare column: a row writes at its current length, which never passes twice the budget, so
+        # the spare column is never real and writes need no clamping.
         cap = 2 * (self.budget + 1)
         long = dict(dtype=torch.long, device=self.device)
         # Emitted tokens are laid out once, in `sequences` (a per-emission scatter would cost four ops twice a step):
@@ -625,7 +625,7 @@ def _decode(model, state: _PipoDecodeState, cache, mtp_cache, tau: float, run_mt
         state.backbone_forwards += 1 if not state.done_locally else 0
         token1 = state.token1(raw1)
         # rows that stopped on token1 are masked out of the update
-        if run_mtp and not (skip_idle_phase2 and not bool(state.active2.any())):
+        if run_mtp and (not skip_idle_phase2 or bool(state.active2.any())):
             confidence, raw2 = phase2(model, token1, h_last, masks.mtp, position, mtp_cache)
             token2 = state.token2(raw2, confidence, tau)
         else:

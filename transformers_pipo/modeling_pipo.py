@@ -345,7 +345,7 @@ class PipoMTPHead(nn.Module):
         return self
 
     def decoder_layer(self) -> nn.Module:
-        layers = self.__dict__.get("_layer_list")  # found once (a search over children each decode step shows)
+        layers = self.__dict__.get("_layer_list")  # found once, not by a search over children at every decode step
         if layers is None:
             layers = self.__dict__["_layer_list"] = _decoder_layers(self, 1)
         return layers[0]
